@@ -1,0 +1,240 @@
+"""Loading and saving FaceMoE checkpoints — official ``model.pt`` files and moescope's own.
+
+Two formats are accepted, both read with ``torch.load(..., weights_only=True)`` so nothing
+can unpickle arbitrary objects:
+
+* **official** — the authors' ``model.pt``: a bare ``state_dict`` with the official key names
+  (``layers.1.blocks.17.mlp.experts.2.fc1.weight`` ...). The architecture is inferred from
+  the keys and shapes alone (:func:`infer_official_config`); ``top_k`` is not stored in such
+  a file and defaults to 2 (override with ``top_k=``). A dict wrapping such a state_dict under
+  ``state_dict`` or ``model`` is accepted too.
+* **moescope** — ``{"format": "moescope.facemoe", "version": 1, "config": {"name": ..., **kwargs},
+  "state_dict": ..., "metadata": {...}}`` written by :func:`save_checkpoint`; ``config`` is
+  everything ``create_model`` needs to rebuild the model.
+
+Every problem — missing file, truncated/corrupt file, pickled code, unknown layout, missing
+or unexpected keys, shape mismatches, inconsistent expert counts — raises
+:class:`~moescope.errors.CheckpointError` with a one-line message naming it.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from moescope.errors import CheckpointError
+from moescope.results import atomic_path
+
+from .models import create_model
+
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "infer_official_config", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "moescope.facemoe"
+CHECKPOINT_VERSION = 1
+# Buffers the official files store that our modules derive (timm keeps them non-persistent);
+# they are checked for equality on load instead of being loaded.
+_DERIVED_BUFFERS = re.compile(r"(\.attn\.relative_position_index|\.attn_mask)$")
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.fc1\.weight$")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``) into a dict; no model is built."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled objects or code, not only tensors (weights_only=True)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+    except Exception as exc:  # torch.load raises many types for damaged files
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason[:120]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a FaceMoE checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
+    return obj
+
+
+def _state_dict_of(obj: Mapping[str, Any], path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None, dict]:
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        for key in ("config", "state_dict"):
+            if key not in obj:
+                raise CheckpointError(f"{path} is a moescope checkpoint without {key!r}")
+        return "moescope", dict(obj["state_dict"]), dict(obj["config"]), dict(obj.get("metadata", {}))
+    for wrapper in ("state_dict", "model"):
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return "official", dict(inner), None, {}
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return "official", dict(obj), None, {}
+    raise CheckpointError(f"{path} is not a FaceMoE checkpoint (no state_dict of tensors found)")
+
+
+def infer_official_config(state_dict: Mapping[str, torch.Tensor], top_k: int = 2, img_size: int | None = None) -> dict[str, Any]:
+    """The ``FaceMoESwin`` keyword arguments that an official state_dict was written by.
+
+    Inferred from keys and shapes: embed dim and patch size (``patch_embed.proj``), input size
+    (``absolute_pos_embed`` tokens x patch; else ``img_size`` or 120), depths (blocks per
+    stage), heads and window (relative position tables), experts per layer (must agree),
+    MLP ratio and embedding size. ``top_k`` is not stored; official default 2.
+    """
+    required = ("patch_embed.proj.weight", "layers.0.blocks.0.attn.relative_position_bias_table", "feature_layer.2.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise CheckpointError(f"not an official FaceMoE Swin state_dict: missing key {missing[0]!r}")
+    proj = state_dict["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    stages = sorted(depths)
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"official state_dict has non-contiguous stages {stages}")
+    num_heads = [state_dict[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in stages]
+    table = state_dict["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window_size = (math.isqrt(table) + 1) // 2
+    experts: dict[str, int] = {}
+    for key in state_dict:
+        m = _EXPERT_KEY.match(key)
+        if m:
+            experts[m.group(1)] = max(experts.get(m.group(1), 0), int(m.group(2)) + 1)
+    if not experts:
+        raise CheckpointError("official state_dict has no MoE experts (no '*.mlp.experts.N.fc1.weight' keys)")
+    first_layer, num_experts = next(iter(experts.items()))
+    for layer, n in experts.items():
+        if n != num_experts:
+            raise CheckpointError(f"mismatched expert counts: {layer} has {n} experts, {first_layer} has {num_experts}")
+    hidden = state_dict[f"{first_layer}.experts.0.fc1.weight"].shape[0]
+    if "absolute_pos_embed" in state_dict:
+        grid = math.isqrt(state_dict["absolute_pos_embed"].shape[1])
+        inferred_size = grid * patch_size
+        if img_size is not None and img_size != inferred_size:
+            raise CheckpointError(f"img_size={img_size} disagrees with absolute_pos_embed ({grid}x{grid} tokens of {patch_size}px = {inferred_size}px)")
+        img_size = inferred_size
+    if not 1 <= top_k <= num_experts:
+        raise CheckpointError(f"top_k={top_k} out of range for a checkpoint with {num_experts} experts")
+    return dict(
+        img_size=img_size or 120,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depths=tuple(depths[i] for i in stages),
+        num_heads=tuple(num_heads),
+        window_size=window_size,
+        mlp_ratio=hidden / embed_dim,
+        qkv_bias="layers.0.blocks.0.attn.qkv.bias" in state_dict,
+        ape="absolute_pos_embed" in state_dict,
+        num_experts=num_experts,
+        top_k=top_k,
+        weighting="logits",
+        embedding_dim=state_dict["feature_layer.2.weight"].shape[0],
+    )
+
+
+def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    derived = {k: v for k, v in state_dict.items() if _DERIVED_BUFFERS.search(k) and k not in own}
+    for key, value in derived.items():
+        module_name, attr = key.rsplit(".", 1)
+        try:
+            ours = getattr(model.get_submodule(module_name), attr)
+        except AttributeError:
+            raise CheckpointError(f"{path}: unexpected key {key!r} (no such module in this architecture)") from None
+        if ours is None or ours.shape != value.shape or not torch.equal(ours.to(value.dtype), value):
+            raise CheckpointError(f"{path}: buffer {key} disagrees with the architecture (window or shift differ)")
+    params = {k: v for k, v in state_dict.items() if k not in derived}
+    missing = [k for k in own if k not in params]
+    unexpected = [k for k in params if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+        raise CheckpointError(f"{path} does not match the architecture: {'; '.join(parts)}")
+    for key, value in params.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(f"{path}: shape mismatch at {key}: checkpoint {list(value.shape)}, model {list(own[key].shape)}")
+    model.load_state_dict(params, strict=True)
+
+
+def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: Any) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights; returned in ``eval()`` mode.
+
+    Args:
+        path: an official ``model.pt`` (bare state_dict) or a moescope checkpoint.
+        top_k: experts per token (official files do not store it: default 2).
+        overrides: further constructor arguments (e.g. ``weighting="softmax"``).
+
+    The model gets ``checkpoint_path``, ``checkpoint_format`` (``"official"``/``"moescope"``)
+    and ``checkpoint_metadata`` attributes.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    fmt, state_dict, config, metadata = _state_dict_of(obj, path)
+    if fmt == "official":
+        kwargs = infer_official_config(state_dict, top_k=top_k or 2, img_size=overrides.pop("img_size", None))
+        name = "facemoe_swin_official"
+    else:
+        config = dict(config)
+        name = config.pop("name", None)
+        if name is None:
+            raise CheckpointError(f"{path}: moescope checkpoint config has no model 'name'")
+        kwargs = config
+        if top_k is not None:
+            kwargs["top_k"] = top_k
+    kwargs.update(overrides)
+    try:
+        model = create_model(name, **kwargs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot build model {name!r} ({str(exc).splitlines()[0]})") from None
+    _load_strict(model, state_dict, path)
+    model.eval()
+    model.checkpoint_path = str(path)
+    model.checkpoint_format = fmt
+    model.checkpoint_metadata = metadata
+    return model
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    half: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a moescope checkpoint, atomically.
+
+    ``metadata`` must hold plain types (str, numbers, lists, dicts) so the file loads with
+    ``weights_only=True``; ``half=True`` stores floating tensors as float16 (bundled demo);
+    ``extra`` adds further top-level entries (optimizer state for resuming).
+    """
+    config = getattr(model, "model_config", None)
+    if not config:
+        raise ValueError("model has no model_config; build it with facemoe_model.create_model")
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
+        "state_dict": state,
+        "metadata": dict(metadata or {}),
+        **dict(extra or {}),
+    }
+    return atomic_path(Path(path), lambda tmp: torch.save(payload, tmp))

@@ -1,0 +1,268 @@
+"""Face-recognition evaluation protocols (ANALYSES.md, "Evaluation protocols").
+
+- Embeddings: flip-fused (image + horizontal flip, summed) and L2-normalised.
+- Verification: cosine similarity of each pair; 10-fold accuracy with the threshold chosen on
+  the other 9 folds (consecutive folds, as in LFW); TAR at fixed FAR from genuine/impostor scores.
+- Identification: closed-set CMC and Rank-k over a gallery that may hold distractors (label -1).
+
+Accuracies, TAR and Rank-k are fractions in [0, 1].
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from moescope.errors import DataError
+
+__all__ = [
+    "FARS",
+    "RANKS",
+    "embed_images",
+    "embed_dataset",
+    "pair_scores",
+    "consecutive_folds",
+    "best_threshold",
+    "VerificationAccuracy",
+    "verification_accuracy",
+    "tar_at_far",
+    "verification_metrics",
+    "mate_ranks",
+    "cmc_curve",
+    "identification_metrics",
+]
+
+FARS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+RANKS: tuple[int, ...] = (1, 5, 10, 20)
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode + inference mode; every submodule's train/eval flag is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], flip: bool, device: torch.device | str | None) -> np.ndarray:
+    device = torch.device(device) if device is not None else _model_device(model)
+    chunks = []
+    with _inference(model):
+        for images in batches:
+            images = images.to(device)
+            if flip:
+                both = model(torch.cat([images, images.flip(-1)])).float()
+                embedding = both[: len(images)] + both[len(images) :]
+            else:
+                embedding = model(images).float()
+            chunks.append(F.normalize(embedding, dim=1).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def embed_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """L2-normalised embeddings [N, D] (float32) of already-normalised images [N, 3, H, W].
+
+    With ``flip`` the embedding of each image and of its horizontal mirror are summed before
+    normalising (both go through the model in one batch of ``2 * batch_size``). Runs in eval and
+    inference mode on ``device`` (default: the model's); the model's modes are restored.
+    """
+    return _embed_batches(model, images.split(batch_size), flip, device)
+
+
+def embed_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """:func:`embed_images` over a dataset of ``(image, label)`` items, in dataset order (one process)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return _embed_batches(model, (images for images, _ in loader), flip, device)
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+def pair_scores(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair ``(i, j)`` of rows of L2-normalised ``embeddings``."""
+    return np.einsum("pd,pd->p", embeddings[pairs[:, 0]], embeddings[pairs[:, 1]])
+
+
+def consecutive_folds(n_pairs: int, n_folds: int = 10) -> np.ndarray:
+    """Fold index of each pair when ``n_pairs`` pairs are cut into ``n_folds`` consecutive, near-equal folds."""
+    if n_pairs < n_folds:
+        raise DataError(f"{n_pairs} pairs cannot form {n_folds} folds")
+    return np.arange(n_pairs) * n_folds // n_pairs
+
+
+def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """The threshold maximising accuracy of ``score >= threshold  <=>  same``, and that accuracy.
+
+    Candidates are the midpoints between consecutive distinct scores plus -inf (accept all) and
+    +inf (reject all); among equally accurate thresholds the lowest wins.
+    """
+    order = np.argsort(scores, kind="stable")
+    sorted_scores, same = scores[order], issame[order].astype(bool)
+    boundaries = np.flatnonzero(np.diff(sorted_scores) > 0)
+    candidates = np.concatenate([[-np.inf], (sorted_scores[boundaries] + sorted_scores[boundaries + 1]) / 2, [np.inf]])
+    rejected = np.concatenate([[0], boundaries + 1, [len(scores)]])  # scores below each candidate
+    impostors_below = np.concatenate([[0], np.cumsum(~same)])[rejected]
+    genuine_below = np.concatenate([[0], np.cumsum(same)])[rejected]
+    correct = impostors_below + (same.sum() - genuine_below)
+    best = int(np.argmax(correct))
+    return float(candidates[best]), float(correct[best] / len(scores))
+
+
+@dataclass(frozen=True)
+class VerificationAccuracy:
+    """k-fold verification accuracy: ``mean`` +- ``std`` (population std over folds, as in LFW)."""
+
+    mean: float
+    std: float
+    fold_accuracies: np.ndarray
+    thresholds: np.ndarray
+
+
+def verification_accuracy(
+    scores: np.ndarray, issame: np.ndarray, folds: np.ndarray | None = None, n_folds: int = 10
+) -> VerificationAccuracy:
+    """Accuracy on each fold with the :func:`best_threshold` of all other folds.
+
+    ``folds`` gives each pair's fold; by default the pairs, in order, form ``n_folds``
+    consecutive folds (LFW protocol, no shuffling).
+    """
+    scores, issame = np.asarray(scores, dtype=np.float64), np.asarray(issame, dtype=bool)
+    folds = consecutive_folds(len(scores), n_folds) if folds is None else np.asarray(folds)
+    fold_ids = np.unique(folds)
+    if len(fold_ids) < 2:
+        raise DataError(f"verification needs at least 2 folds, got {len(fold_ids)}")
+    accuracies, thresholds = [], []
+    for fold in fold_ids:
+        test = folds == fold
+        threshold, _ = best_threshold(scores[~test], issame[~test])
+        accuracies.append(np.mean((scores[test] >= threshold) == issame[test]))
+        thresholds.append(threshold)
+    accuracies = np.array(accuracies)
+    return VerificationAccuracy(float(accuracies.mean()), float(accuracies.std()), accuracies, np.array(thresholds))
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, fars: Sequence[float] = FARS) -> dict[float, float]:
+    """True accept rate at each false accept rate; pairs are accepted when ``score > threshold``.
+
+    For a FAR ``f`` over ``M`` impostor scores, ``k = floor(f * M)`` impostors may be accepted: the
+    threshold is the ``(k+1)``-th highest impostor score (-inf when ``k >= M``), so at most ``k``
+    impostors (fewer on ties) lie above it. When ``f < 1 / M`` (``k = 0``) the impostors are too
+    few to measure that FAR and the TAR is NaN.
+    """
+    genuine = np.asarray(genuine, dtype=np.float64)
+    descending = np.sort(np.asarray(impostor, dtype=np.float64))[::-1]
+    tar = {}
+    for far in fars:
+        allowed = int(np.floor(far * len(descending) * (1 + 1e-9)))  # tolerate 1e-3 * 1000 = 0.999...
+        if allowed < 1:
+            tar[far] = float("nan")
+        else:
+            threshold = descending[allowed] if allowed < len(descending) else -np.inf
+            tar[far] = float(np.mean(genuine > threshold))
+    return tar
+
+
+def verification_metrics(
+    embeddings: np.ndarray, pairs: np.ndarray, issame: np.ndarray, folds: np.ndarray | None = None
+) -> dict[str, float]:
+    """Headline verification numbers: pairs, 10-fold accuracy (+- std, mean threshold) and TAR@FAR."""
+    scores = pair_scores(embeddings, pairs)
+    issame = np.asarray(issame, dtype=bool)
+    accuracy = verification_accuracy(scores, issame, folds)
+    metrics: dict[str, float] = {
+        "pairs": len(scores),
+        "accuracy": accuracy.mean,
+        "accuracy_std": accuracy.std,
+        "threshold": float(accuracy.thresholds.mean()),
+    }
+    for far, tar in tar_at_far(scores[issame], scores[~issame]).items():
+        metrics[f"TAR@FAR={far:.0e}"] = tar
+    return metrics
+
+
+# --- identification -----------------------------------------------------------------------
+
+
+def mate_ranks(
+    probe_embeddings: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    gallery_labels: np.ndarray,
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """Rank (1-based) of each probe's best-scoring gallery mate among all gallery images.
+
+    Scores are dot products (cosine similarity for L2-normalised embeddings). The rank is
+    1 + the number of non-mate gallery images (other identities and distractors, label -1)
+    scoring at least as high as the best mate: ties count against the probe. Probes are scored
+    ``chunk_size`` at a time. Every probe identity must have a gallery mate (closed set).
+    """
+    probe_labels, gallery_labels = np.asarray(probe_labels), np.asarray(gallery_labels)
+    orphans = np.unique(probe_labels[~np.isin(probe_labels, gallery_labels[gallery_labels >= 0])])
+    if len(orphans):
+        count = int(np.isin(probe_labels, orphans).sum())
+        raise DataError(
+            f"{count} probe images have no gallery mate (identities {orphans[:5].tolist()}"
+            f"{' ...' if len(orphans) > 5 else ''}); closed-set identification needs every probe identity in the gallery"
+        )
+    ranks = []
+    for start in range(0, len(probe_labels), chunk_size):
+        scores = probe_embeddings[start : start + chunk_size] @ gallery_embeddings.T
+        is_mate = probe_labels[start : start + chunk_size, None] == gallery_labels[None, :]
+        best_mate = np.where(is_mate, scores, -np.inf).max(axis=1, keepdims=True)
+        ranks.append(1 + (np.where(is_mate, -np.inf, scores) >= best_mate).sum(axis=1))
+    return np.concatenate(ranks)
+
+
+def cmc_curve(ranks: np.ndarray, max_rank: int = max(RANKS)) -> np.ndarray:
+    """Cumulative match characteristic: entry ``r - 1`` is the share of probes with rank <= r."""
+    return (np.asarray(ranks)[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0)
+
+
+def identification_metrics(
+    probe_embeddings: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    gallery_labels: np.ndarray,
+    ranks: Sequence[int] = RANKS,
+) -> dict[str, float]:
+    """Headline identification numbers: probe/gallery/distractor counts and Rank-k accuracies."""
+    gallery_labels = np.asarray(gallery_labels)
+    cmc = cmc_curve(mate_ranks(probe_embeddings, probe_labels, gallery_embeddings, gallery_labels), max(ranks))
+    metrics: dict[str, float] = {
+        "probes": len(probe_labels),
+        "gallery": len(gallery_labels),
+        "distractors": int((gallery_labels < 0).sum()),
+    }
+    metrics.update({f"Rank-{rank}": float(cmc[rank - 1]) for rank in ranks})
+    return metrics

@@ -1,0 +1,394 @@
+"""The FaceMoE mixture-of-experts layer: N FFN experts behind a token-level top-k router.
+
+The layer is the single source of truth for routing:
+
+* it exposes exactly what it computed (router logits, rank-ordered top-k experts, combine
+  weights, token grid) through the hook point ``hook_routing`` — a pass-through module that
+  receives a :class:`RouterOutput` on every forward pass, so observers attach ordinary
+  ``register_forward_hook`` hooks and never recompute routing on the side;
+* it accepts one documented intervention, :class:`RoutingOverride` (``layer.override``),
+  applied inside the routing step; :func:`override_routing` sets it on chosen layers and
+  restores the previous value exactly, even on exceptions.
+
+Combine weights (``weighting``):
+
+* ``"logits"`` — the official FaceMoE behaviour: the raw top-k router logits are the weights
+  (no softmax, no renormalisation);
+* ``"softmax"`` — softmax over all experts, then top-k (``renormalize=True`` rescales the k
+  weights to sum to 1).
+
+Auxiliary losses (``aux_loss``), stored per forward pass in ``layer.aux_loss``:
+
+* ``"official"`` — ``1e-3 * mean(logits^2) + 1e-2 * E * sum_e(importance_e * load_e) / T^2``
+  with ``importance_e = sum_t softmax(logits)_te`` and ``load_e`` the number of tokens whose
+  top-k contains ``e`` (T tokens);
+* ``"switch"`` — ST-MoE router z-loss ``1e-3 * mean(logsumexp(logits)^2)`` plus the Switch
+  balance loss ``1e-2 * E * sum_e(f_e * P_e)`` (``f_e`` share of tokens whose top-1 is ``e``,
+  ``P_e`` mean router probability).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Expert",
+    "Router",
+    "HookPoint",
+    "RouterOutput",
+    "RoutingOverride",
+    "MoELayer",
+    "override_routing",
+    "moe_layers",
+    "total_aux_loss",
+]
+
+Weighting = Literal["logits", "softmax"]
+AuxLossKind = Literal["official", "switch"]
+
+
+class Expert(nn.Module):
+    """One FFN expert: ``fc1 -> GELU -> dropout -> fc2 -> dropout`` (official key names)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Router(nn.Module):
+    """Token-level router: ``gate = Linear(dim, num_experts, bias=False)`` gives the logits."""
+
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x)
+
+
+class HookPoint(nn.Module):
+    """Identity module whose forward hooks observe a value (TransformerLens-style)."""
+
+    def forward(self, value):  # noqa: D401 - identity
+        return value
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What one MoE layer computed for one forward pass.
+
+    Tokens are flattened over all leading dimensions: ``T = batch_size * tokens_per_image``.
+
+    Attributes:
+        logits: router logits ``[T, E]`` (float).
+        topk_indices: experts that processed each token, rank-ordered by the router ``[T, k]``.
+        combine_weights: the weight each of those experts' outputs received ``[T, k]``.
+        router_indices: the router's own top-k choice before a ``permutation``/``random``
+            override (the same tensor as ``topk_indices`` when no override changed it).
+        batch_size: images in the batch.
+        grid: ``(rows, cols)`` token grid of this layer, or None when unknown.
+        num_prefix_tokens: tokens before the grid tokens (e.g. a class token).
+        weighting: the layer's combine-weight mode.
+    """
+
+    logits: torch.Tensor
+    topk_indices: torch.Tensor
+    combine_weights: torch.Tensor
+    router_indices: torch.Tensor
+    batch_size: int
+    grid: tuple[int, int] | None
+    num_prefix_tokens: int
+    weighting: str
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.topk_indices.shape[-1]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.logits.shape[0] // self.batch_size
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Router probabilities ``softmax(logits)`` ``[T, E]``."""
+        return self.logits.float().softmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class RoutingOverride:
+    """One intervention on a layer's routing; fields compose (drop, then random, then switch).
+
+    Attributes:
+        dropped: experts that can never be selected: their logits are masked to ``-inf``
+            before top-k. When fewer than ``k`` experts remain, ``k`` shrinks to the number
+            left (``MoELayer.effective_k`` tells).
+        permutation: switch experts after top-k: a token routed to expert ``e`` is processed
+            by expert ``permutation[e]`` with the weight the router gave ``e``.
+        random_seed: when set, each token's top-k experts are drawn uniformly at random
+            (among the experts not dropped) with a generator seeded once per override;
+            their weights are the router's weights for the drawn experts.
+        k: force the number of experts per token.
+    """
+
+    dropped: tuple[int, ...] = ()
+    permutation: tuple[int, ...] | None = None
+    random_seed: int | None = None
+    k: int | None = None
+    _generators: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def validate(self, num_experts: int, layer_name: str = "layer") -> None:
+        """Raise ``ValueError`` with a one-line message when the override does not fit."""
+        bad = [e for e in self.dropped if not 0 <= e < num_experts]
+        if bad:
+            raise ValueError(f"expert {bad[0]} out of range for {layer_name}: it has {num_experts} experts (0..{num_experts - 1})")
+        if len(set(self.dropped)) >= num_experts:
+            raise ValueError(f"cannot drop all {num_experts} experts of {layer_name}")
+        if self.permutation is not None and sorted(self.permutation) != list(range(num_experts)):
+            raise ValueError(f"switch permutation {list(self.permutation)} is not a permutation of 0..{num_experts - 1} for {layer_name}")
+        if self.k is not None and not 1 <= self.k <= num_experts:
+            raise ValueError(f"k={self.k} out of range for {layer_name} with {num_experts} experts")
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator for random routing on ``device`` (one stream per override)."""
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(self.random_seed or 0))
+            self._generators[key] = g
+        return self._generators[key]
+
+
+class MoELayer(nn.Module):
+    """Mixture of ``num_experts`` FFN experts with a token-level top-k router.
+
+    Args:
+        dim: token channels.
+        hidden_dim: expert hidden width (``mlp_ratio * dim``).
+        num_experts: N.
+        k: experts per token.
+        weighting: ``"logits"`` (official) or ``"softmax"``.
+        renormalize: with ``"softmax"``, rescale the top-k weights to sum to 1.
+        aux_loss: ``"official"`` or ``"switch"``.
+        z_loss_coef / balance_coef: coefficients of the two auxiliary terms.
+        dropout: expert dropout.
+        token_grid: ``(rows, cols)`` of the tokens this layer sees (set by the model), used
+            when the input is ``[B, N, C]``; for ``[B, H, W, C]`` input the grid is the shape.
+        num_prefix_tokens: non-grid tokens at the start of each sequence (class token).
+
+    Input of any leading shape ``[..., C]``; output has the same shape. After each forward
+    pass ``aux_loss`` holds this layer's auxiliary loss (a scalar tensor).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int = 3,
+        k: int = 2,
+        *,
+        weighting: Weighting = "logits",
+        renormalize: bool = False,
+        aux_loss: AuxLossKind = "official",
+        z_loss_coef: float = 1e-3,
+        balance_coef: float = 1e-2,
+        dropout: float = 0.0,
+        token_grid: tuple[int, int] | None = None,
+        num_prefix_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k} must be in 1..num_experts={num_experts}")
+        if weighting not in ("logits", "softmax"):
+            raise ValueError(f"unknown weighting {weighting!r}; use 'logits' or 'softmax'")
+        if aux_loss not in ("official", "switch"):
+            raise ValueError(f"unknown aux_loss {aux_loss!r}; use 'official' or 'switch'")
+        self.num_experts = num_experts
+        self.k = k
+        self.weighting = weighting
+        self.renormalize = renormalize
+        self.aux_loss_kind = aux_loss
+        self.z_loss_coef = z_loss_coef
+        self.balance_coef = balance_coef
+        self.token_grid = tuple(token_grid) if token_grid is not None else None
+        self.num_prefix_tokens = num_prefix_tokens
+        self.experts = nn.ModuleList(Expert(dim, hidden_dim, dropout) for _ in range(num_experts))
+        self.router = Router(dim, num_experts)
+        self.hook_routing = HookPoint()
+        self.override: RoutingOverride | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.k}, weighting={self.weighting!r}, aux_loss={self.aux_loss_kind!r}"
+
+    @property
+    def effective_k(self) -> int:
+        """Experts per token under the current override (k shrinks when experts are dropped)."""
+        o = self.override
+        k = self.k if o is None or o.k is None else o.k
+        if o is not None:
+            k = min(k, self.num_experts - len(set(o.dropped)))
+        return k
+
+    # -- routing ---------------------------------------------------------------------------
+    def _combine_weights(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.weighting == "logits":
+            return logits.gather(-1, indices)
+        weights = logits.float().softmax(dim=-1).gather(-1, indices).to(logits.dtype)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        return weights
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router step on flat tokens ``[T, C]``: logits, router top-k, experts run, weights."""
+        logits = self.router(tokens)
+        o = self.override
+        k = self.effective_k
+        selectable = logits
+        if o is not None and o.dropped:
+            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=logits.device)
+            mask[list(o.dropped)] = True
+            selectable = logits.masked_fill(mask, float("-inf"))
+        router_indices = selectable.topk(k, dim=-1).indices
+        indices = router_indices
+        if o is not None and o.random_seed is not None:
+            noise = torch.rand(logits.shape, generator=o.generator(logits.device), device=logits.device)
+            if o.dropped:
+                noise = noise.masked_fill(mask, -1.0)
+            indices = noise.topk(k, dim=-1).indices
+        weights = self._combine_weights(logits, indices)
+        if o is not None and o.permutation is not None:
+            perm = torch.as_tensor(o.permutation, device=indices.device)
+            indices = perm[indices]
+        return logits, router_indices, indices, weights
+
+    def _aux_loss(self, logits: torch.Tensor, router_indices: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        num_tokens = logits.shape[0]
+        probs = logits.softmax(dim=-1)
+        if self.aux_loss_kind == "official":
+            z = logits.pow(2).mean()
+            importance = probs.sum(dim=0)
+            load = F.one_hot(router_indices, self.num_experts).amax(dim=1).sum(dim=0).to(probs.dtype)
+            balance = self.num_experts * (importance * load).sum() / num_tokens**2
+        else:
+            z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            top1 = F.one_hot(router_indices[:, 0], self.num_experts).to(probs.dtype).mean(dim=0)
+            balance = self.num_experts * (top1 * probs.mean(dim=0)).sum()
+        return self.z_loss_coef * z + self.balance_coef * balance
+
+    # -- dispatch --------------------------------------------------------------------------
+    def dispatch(self, tokens: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Run each expert once on exactly its tokens and sum the weighted outputs.
+
+        Token/expert pairs are sorted by expert so each expert sees one contiguous batch;
+        the only host synchronisation is reading the per-expert counts.
+        """
+        num_tokens, k = indices.shape
+        flat_experts = indices.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        token_ids = order // k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        expert_inputs = tokens.index_select(0, token_ids).split(counts)
+        outputs = [expert(chunk) for expert, chunk, n in zip(self.experts, expert_inputs, counts) if n]
+        if not outputs:
+            return torch.zeros_like(tokens)
+        expert_out = torch.cat(outputs)
+        pair_weights = weights.reshape(-1).index_select(0, order).to(expert_out.dtype)
+        combined = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+        combined.index_add_(0, token_ids, expert_out * pair_weights.unsqueeze(-1))
+        return combined.to(tokens.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead_shape, channels = x.shape[:-1], x.shape[-1]
+        batch_size = x.shape[0]
+        grid = tuple(x.shape[1:3]) if x.ndim == 4 else self.token_grid
+        tokens = x.reshape(-1, channels)
+        logits, router_indices, indices, weights = self.route(tokens)
+        self.aux_loss = self._aux_loss(logits, router_indices)
+        self.hook_routing(
+            RouterOutput(
+                logits=logits,
+                topk_indices=indices,
+                combine_weights=weights,
+                router_indices=router_indices,
+                batch_size=batch_size,
+                grid=grid,
+                num_prefix_tokens=0 if x.ndim == 4 else self.num_prefix_tokens,
+                weighting=self.weighting,
+            )
+        )
+        return self.dispatch(tokens, indices, weights).reshape(*lead_shape, channels)
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of every MoE layer's auxiliary loss from the model's last forward pass."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    if not losses:
+        raise RuntimeError("no auxiliary loss recorded: run a forward pass first")
+    return torch.stack(losses).sum()
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """All MoE layers of ``model`` by module name, in forward order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, MoELayer]:
+    available = moe_layers(model)
+    if layers is None:
+        return available
+    chosen: dict[str, MoELayer] = {}
+    for name in layers:
+        matches = {n: m for n, m in available.items() if n == name or n.startswith(name + ".")}
+        if not matches:
+            raise KeyError(f"unknown MoE layer {name!r}; available: {', '.join(available) or 'none'}")
+        chosen.update(matches)
+    return chosen
+
+
+@contextlib.contextmanager
+def override_routing(
+    model: nn.Module,
+    override: RoutingOverride | Mapping[str, RoutingOverride],
+    layers: Iterable[str] | None = None,
+) -> Iterator[dict[str, MoELayer]]:
+    """Apply a routing override to MoE layers of ``model`` for the ``with`` block.
+
+    ``override`` is one :class:`RoutingOverride` for every chosen layer or a mapping from
+    layer name to override. ``layers`` selects layers by name or name prefix (e.g.
+    ``layers.2``); default all. Every previous override is restored exactly on exit, also
+    when the block raises. Yields the affected layers by name.
+    """
+    if isinstance(override, RoutingOverride):
+        targets = _select_layers(model, layers)
+        plan = {name: override for name in targets}
+    else:
+        targets = _select_layers(model, list(override))
+        plan = {name: override[next(k for k in override if name == k or name.startswith(k + "."))] for name in targets}
+    for name, o in plan.items():
+        o.validate(targets[name].num_experts, name)
+        o._generators.clear()  # random routing restarts from its seed in every block
+    saved = {name: layer.override for name, layer in targets.items()}
+    try:
+        for name, layer in targets.items():
+            layer.override = plan[name]
+        yield targets
+    finally:
+        for name, layer in targets.items():
+            layer.override = saved[name]

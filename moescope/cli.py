@@ -1,0 +1,75 @@
+"""The ``moescope`` command line: one subcommand per analysis.
+
+Errors caused by input (a bad checkpoint, an unreadable folder, a wrong option) print one
+line ``moescope: error: ...`` and exit with status 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from .errors import MoescopeError
+
+# Subcommand modules in ``moescope.commands`` (in --help order).
+COMMANDS = ("regions", "cka", "ablate", "train", "eval", "info", "models")
+
+
+def add_output_options(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The options every analysis command shares: ``--out``, ``--json``, ``--seed``."""
+    parser.add_argument("--out", metavar="DIR", help="write tables (CSV, Markdown, LaTeX), result.json and figures to DIR")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (text goes to stderr)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="random seed (bootstrap, random routing ...); default 0")
+
+
+def emit(result, args: argparse.Namespace, render) -> None:
+    """Show an AnalysisResult: human text (``render(result) -> str``), JSON, files."""
+    text_stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    print(render(result), file=text_stream)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if getattr(args, "out", None):
+        written = result.save(args.out)
+        print(f"wrote {len(written)} files to {args.out}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(result.to_json(indent=None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moescope",
+        description="Analyse Mixture-of-Experts routing in FaceMoE and other MoE vision transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"moescope.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"moescope.commands.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        status = args.run(args)
+    except MoescopeError as exc:
+        print(f"moescope: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("moescope: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

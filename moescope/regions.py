@@ -1,0 +1,181 @@
+"""Facial regions (ANALYSES.md, B.1 / B.2) as pixel masks and as soft fractions on token grids.
+
+Regions come from Face Mesh landmarks (:mod:`moescope.landmarks`), in the face's own frame:
+``u`` runs from the image-left eye centre to the other eye centre and ``v`` points down the
+face (perpendicular to ``u``), so head roll is handled.
+
+- eyes: per side, the convex hull of the eye contour and the eyebrow (eyelid included);
+- nose: the convex hull of Face Mesh's nose landmarks (bridge from between the eyes to the alae);
+- mouth: the outer lip contour;
+- forehead: inside the face oval, above the upper eyebrow edges (interpolated along ``u``);
+- chin_jawline: inside the oval, below the line through the mouth corners, plus a band of
+  ``JAW_BAND`` x inter-ocular distance inside the oval contour below the nose tip;
+- cheeks: the rest of the oval;
+- hair_background: outside the face oval.
+
+Precedence where these overlap (each pixel gets the first that claims it):
+hair_background > eyes > nose > mouth > chin_jawline > forehead > cheeks.
+"""
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+
+from moescope.landmarks import NOSE_TIP, MOUTH_CORNERS, NUM_LANDMARKS, five_points, landmark_set
+
+__all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_to_grid", "region_labels", "region_masks"]
+
+REGIONS = ("eyes", "nose", "mouth", "forehead", "cheeks", "chin_jawline", "hair_background")
+PRECEDENCE = ("hair_background", "eyes", "nose", "mouth", "chin_jawline", "forehead", "cheeks")
+JAW_BAND = 0.15
+
+_SUBPIXEL_BITS = 8
+
+
+def _chains(connections: frozenset[tuple[int, int]]) -> list[list[int]]:
+    """Ordered landmark chains (closed loops or open paths) of a connection set whose landmarks
+    have at most two neighbours; a loop's first index is not repeated at its end."""
+    neighbours: dict[int, set[int]] = {}
+    for a, b in connections:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    unvisited = set(neighbours)
+    chains = []
+    while unvisited:
+        ends = sorted(i for i in unvisited if len(neighbours[i]) == 1)
+        chain = [ends[0] if ends else min(unvisited)]
+        unvisited.discard(chain[0])
+        while step := sorted(neighbours[chain[-1]] & unvisited):
+            chain.append(step[0])
+            unvisited.discard(step[0])
+        chains.append(chain)
+    return chains
+
+
+@cache
+def _topology() -> dict[str, list[list[int]]]:
+    """Landmark index lists of the region outlines, built from Face Mesh's connection sets."""
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    lip_loops = _chains(fmc.FACEMESH_LIPS)
+    return {
+        "oval": _chains(fmc.FACEMESH_FACE_OVAL),
+        "eyes": [
+            landmark_set(eye | brow)
+            for eye, brow in ((fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_EYEBROW), (fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_EYEBROW))
+        ],
+        "brows": _chains(fmc.FACEMESH_RIGHT_EYEBROW) + _chains(fmc.FACEMESH_LEFT_EYEBROW),
+        "nose": [landmark_set(fmc.FACEMESH_NOSE)],
+        # The lips are an outer and an inner loop; the outer one (through the corners) bounds the mouth.
+        "mouth": [next(loop for loop in lip_loops if MOUTH_CORNERS[0] in loop)],
+    }
+
+
+def _fill(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndarray:
+    """Boolean mask of pixels inside ``polygons`` (continuous pixel coordinates)."""
+    mask = np.zeros(shape, np.uint8)
+    vertices = [np.round((p - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32) for p in polygons]
+    cv2.fillPoly(mask, vertices, 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    return mask.astype(bool)
+
+
+def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``int64 [height, width]`` index into ``REGIONS`` of each pixel (see module docstring)."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if landmarks.shape != (NUM_LANDMARKS, 2):
+        raise ValueError(f"landmarks must be [{NUM_LANDMARKS}, 2], got {list(landmarks.shape)}")
+    topology = _topology()
+    shape = (height, width)
+
+    eye_centres = five_points(landmarks)[:2]
+    interocular = float(np.linalg.norm(eye_centres[1] - eye_centres[0]))
+    u_axis = (eye_centres[1] - eye_centres[0]) / max(interocular, 1e-9)
+    v_axis = np.array([-u_axis[1], u_axis[0]])
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([cols + 0.5, rows + 0.5], axis=-1)
+    pixel_u, pixel_v = pixels @ u_axis, pixels @ v_axis
+
+    oval = _fill(shape, [landmarks[loop] for loop in topology["oval"]])
+    eyes = np.zeros(shape, bool)
+    for indices in topology["eyes"]:
+        eyes |= _fill(shape, [cv2.convexHull(landmarks[indices].astype(np.float32))[:, 0].astype(np.float64)])
+    nose = _fill(shape, [cv2.convexHull(landmarks[topology["nose"][0]].astype(np.float32))[:, 0].astype(np.float64)])
+    mouth = _fill(shape, [landmarks[topology["mouth"][0]]])
+
+    # Forehead: above the upper edge of each eyebrow (the brow chain lying higher on the face).
+    upper_brows = np.concatenate(
+        [min((landmarks[chain] for chain in pair), key=lambda pts: float((pts @ v_axis).mean()))
+         for pair in (topology["brows"][:2], topology["brows"][2:])]
+    )
+    order = np.argsort(upper_brows @ u_axis)
+    brow_v = np.interp(pixel_u, (upper_brows @ u_axis)[order], (upper_brows @ v_axis)[order])
+    forehead = pixel_v < brow_v
+
+    left_corner, right_corner = landmarks[list(MOUTH_CORNERS)]
+    mouth_axis = right_corner - left_corner
+    below_mouth = mouth_axis[0] * (pixels[..., 1] - left_corner[1]) - mouth_axis[1] * (pixels[..., 0] - left_corner[0]) > 0
+    distance_to_oval = cv2.distanceTransform(oval.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    jaw_band = (distance_to_oval <= JAW_BAND * interocular) & (pixel_v > landmarks[NOSE_TIP] @ v_axis)
+
+    claims = {
+        "hair_background": ~oval,
+        "eyes": eyes,
+        "nose": nose,
+        "mouth": mouth,
+        "chin_jawline": below_mouth | jaw_band,
+        "forehead": forehead,
+    }
+    labels = np.full(shape, REGIONS.index("cheeks"), dtype=np.int64)
+    for name in reversed(PRECEDENCE[:-1]):
+        labels[claims[name]] = REGIONS.index(name)
+    return labels
+
+
+def region_masks(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``bool [7, height, width]`` masks of ``REGIONS``: a partition, every pixel in exactly one."""
+    return region_labels(landmarks, height, width)[None] == np.arange(len(REGIONS))[:, None, None]
+
+
+def _overlap(size: int, covered: float, cells: int) -> np.ndarray:
+    """``[cells, size]`` length of each of ``cells`` equal intervals tiling ``[0, covered)``
+    that falls in each unit pixel interval ``[i, i + 1)``."""
+    bounds = np.arange(cells + 1) * (covered / cells)
+    pixel = np.arange(size)
+    return np.clip(np.minimum(bounds[1:, None], pixel + 1.0) - np.maximum(bounds[:-1, None], pixel), 0.0, None)
+
+
+def pool_to_grid(
+    masks: np.ndarray, grid_hw: tuple[int, int], *, input_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Area fraction of each token cell covered by each mask: ``float64 [R, gh, gw]``.
+
+    The model resizes the whole image (no crop) to its input size, and its token grid tiles
+    that input, so a token covers an equal ``H/gh x W/gw`` share of the original image, whatever
+    the input size (e.g. a 112-px image resized to 120 with a 20x20 grid: 5.6-px cells). Cell
+    boundaries need not fall on pixels: each pixel counts by the exact area it shares with the
+    cell. If ``input_hw`` is given and not divisible by the grid, the cells are
+    ``input // grid`` input pixels from the top-left corner, and the right/bottom remainder
+    (dropped by a strided patch embedding) belongs to no token.
+
+    For masks that partition the image (:func:`region_masks`) every cell sums to 1.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [regions, H, W], got shape {list(masks.shape)}")
+    _, height, width = masks.shape
+    grid_h, grid_w = grid_hw
+    covered_h, covered_w = float(height), float(width)
+    if input_hw is not None:
+        covered_h *= (input_hw[0] // grid_h) * grid_h / input_hw[0]
+        covered_w *= (input_hw[1] // grid_w) * grid_w / input_hw[1]
+    rows = _overlap(height, covered_h, grid_h)
+    cols = _overlap(width, covered_w, grid_w)
+    area = (covered_h / grid_h) * (covered_w / grid_w)
+    return np.einsum("ri,kij,cj->krc", rows, masks.astype(np.float64), cols, optimize=True) / area
+
+
+def hard_labels(fractions: np.ndarray) -> np.ndarray:
+    """``int64 [gh, gw]`` majority region of each cell (ties go to the earlier region)."""
+    return np.argmax(fractions, axis=0)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the official test vector and small real inputs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep landmark and dataset caches out of the user's home during tests."""
+    os.environ.setdefault("MOESCOPE_CACHE", str(tmp_path_factory.mktemp("moescope-cache")))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture(scope="session")
+def official_vector() -> dict:
+    return torch.load(DATA / "official_swin_moe_tiny_vector.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official_model_pt(official_vector, tmp_path_factory) -> Path:
+    """The tiny test vector's state_dict saved as a bare official ``model.pt``."""
+    path = tmp_path_factory.mktemp("official") / "model.pt"
+    torch.save(official_vector["state_dict"], path)
+    return path
