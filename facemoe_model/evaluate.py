@@ -114,10 +114,11 @@ def pair_scores(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def consecutive_folds(n_pairs: int, n_folds: int = 10) -> np.ndarray:
-    """Fold index of each pair when ``n_pairs`` pairs are cut into ``n_folds`` consecutive, near-equal folds."""
-    if n_pairs < n_folds:
-        raise DataError(f"{n_pairs} pairs cannot form {n_folds} folds")
-    return np.arange(n_pairs) * n_folds // n_pairs
+    """Fold index of each pair when ``n_pairs`` pairs are cut into ``n_folds`` consecutive, near-equal folds.
+
+    With fewer pairs than folds each pair is its own fold.
+    """
+    return np.arange(n_pairs) * n_folds // max(n_pairs, 1)
 
 
 def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:

@@ -45,6 +45,7 @@ __all__ = [
     "MoELayer",
     "override_routing",
     "moe_layers",
+    "select_moe_layers",
     "total_aux_loss",
 ]
 
@@ -349,17 +350,19 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
-def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, MoELayer]:
+def select_moe_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, MoELayer]:
+    """MoE layers of ``model`` chosen by exact name or name prefix (``layers.1``), in forward
+    order; all of them when ``layers`` is None. Raises ``KeyError`` naming an unknown layer."""
     available = moe_layers(model)
+    if not available:
+        raise KeyError("the model has no MoE layers")
     if layers is None:
         return available
-    chosen: dict[str, MoELayer] = {}
-    for name in layers:
-        matches = {n: m for n, m in available.items() if n == name or n.startswith(name + ".")}
-        if not matches:
-            raise KeyError(f"unknown MoE layer {name!r}; available: {', '.join(available) or 'none'}")
-        chosen.update(matches)
-    return chosen
+    wanted = list(layers)
+    for name in wanted:
+        if not any(n == name or n.startswith(name + ".") for n in available):
+            raise KeyError(f"unknown MoE layer {name!r}; available: {', '.join(available)}")
+    return {n: m for n, m in available.items() if any(n == w or n.startswith(w + ".") for w in wanted)}
 
 
 @contextlib.contextmanager
@@ -376,10 +379,10 @@ def override_routing(
     when the block raises. Yields the affected layers by name.
     """
     if isinstance(override, RoutingOverride):
-        targets = _select_layers(model, layers)
+        targets = select_moe_layers(model, layers)
         plan = {name: override for name in targets}
     else:
-        targets = _select_layers(model, list(override))
+        targets = select_moe_layers(model, list(override))
         plan = {name: override[next(k for k in override if name == k or name.startswith(k + "."))] for name in targets}
     for name, o in plan.items():
         o.validate(targets[name].num_experts, name)

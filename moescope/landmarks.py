@@ -6,9 +6,9 @@ in continuous pixel coordinates of the original image: pixel ``(row, col)`` cove
 lie outside the image (tight crops cut off the face oval).
 
 Small images (112x112 aligned crops, 25x25 LFW crops) are upscaled so that their long side is
-``MIN_DETECTION_SIZE`` px, and where no face is found the image is padded and tried again
-(mediapipe's face detector misses faces that fill the frame); the landmarks are mapped back to
-the original pixels.
+``DETECTION_SETTINGS["min_detection_size"]`` px, and where no face is found the image is padded
+and tried again (mediapipe's face detector misses faces that fill the frame); the landmarks are
+mapped back to the original pixels.
 """
 from __future__ import annotations
 
@@ -48,20 +48,20 @@ __all__ = [
 NUM_LANDMARKS = 468
 IMAGE_EXTENSIONS = frozenset({".bmp", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 
-MIN_DETECTION_SIZE = 256
-# Padding (fraction of the long side, on each border) tried in order until a face is found: the
-# image as given first (padding a photo shrinks its face in the detector's view and costs accuracy:
-# ~10% of the eye distance on skimage's astronaut), then with context for tight crops (LFW 25x25:
-# 96 of 100 found unpadded, 100 padded).
-PAD_FRACTIONS = (0.0, 0.25)
 DETECTION_SETTINGS: dict[str, Any] = {
     "version": 1,
     "mediapipe": metadata.version("mediapipe"),
-    "min_detection_size": MIN_DETECTION_SIZE,
-    "pad_fractions": PAD_FRACTIONS,
+    # Images whose long side is shorter are upscaled (bicubic) to it before detection.
+    "min_detection_size": 256,
+    # Padding (fraction of the long side, on each border) tried in order until a face is found:
+    # the image as given first (padding a photo shrinks its face in the detector's view and costs
+    # accuracy: ~10% of the eye distance on skimage's astronaut), then with context for tight
+    # crops (LFW 25x25: 96 of 100 found unpadded, 100 padded).
+    "pad_fractions": (0.0, 0.25),
     "min_detection_confidence": 0.5,
     "refine_landmarks": False,
 }
+"""Everything that determines the landmarks; part of every cache key."""
 
 # Uncached images per extra worker process before a Pool pays for its start-up (~1 s per worker).
 MIN_IMAGES_PER_WORKER = 200
@@ -85,7 +85,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     relative path. Hidden files and folders are skipped. Raises DataError if there are none."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
+        raise DataError(f"image folder not found (or not a folder): {root}")
     images = sorted(
         (
             p
@@ -137,11 +137,11 @@ def _create_face_mesh() -> Any:
 def _detect_one(face_mesh: Any, image: np.ndarray) -> np.ndarray | None:
     """Upscale + pad ``image``, run Face Mesh, map the landmarks back to ``image`` pixels."""
     height, width = image.shape[:2]
-    upscale = max(1.0, MIN_DETECTION_SIZE / max(height, width))
+    upscale = max(1.0, DETECTION_SETTINGS["min_detection_size"] / max(height, width))
     if upscale > 1.0:
         image = cv2.resize(image, (round(width * upscale), round(height * upscale)), interpolation=cv2.INTER_CUBIC)
     scale = np.array([image.shape[1] / width, image.shape[0] / height])
-    for pad_fraction in PAD_FRACTIONS:
+    for pad_fraction in DETECTION_SETTINGS["pad_fractions"]:
         pad = round(pad_fraction * max(image.shape[:2]))
         padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         found = face_mesh.process(padded).multi_face_landmarks
@@ -235,7 +235,7 @@ def detect_landmarks(
             over the same images does not run mediapipe; corrupt entries are recomputed.
         use_cache: False neither reads nor writes the cache.
         workers: processes for the uncached images; None picks ``min(cpu_count,
-            uncached // MIN_IMAGES_PER_WORKER)``; 1 (or fewer images than that) runs in-process.
+            uncached // MIN_IMAGES_PER_WORKER)``; 0 or 1 runs in this process.
         progress: show a tqdm progress bar over the uncached images.
 
     Returns:

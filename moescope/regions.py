@@ -104,14 +104,12 @@ def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     nose = _fill(shape, [cv2.convexHull(landmarks[topology["nose"][0]].astype(np.float32))[:, 0].astype(np.float64)])
     mouth = _fill(shape, [landmarks[topology["mouth"][0]]])
 
-    # Forehead: above the upper edge of each eyebrow (the brow chain lying higher on the face).
-    upper_brows = np.concatenate(
-        [min((landmarks[chain] for chain in pair), key=lambda pts: float((pts @ v_axis).mean()))
-         for pair in (topology["brows"][:2], topology["brows"][2:])]
-    )
-    order = np.argsort(upper_brows @ u_axis)
-    brow_v = np.interp(pixel_u, (upper_brows @ u_axis)[order], (upper_brows @ v_axis)[order])
-    forehead = pixel_v < brow_v
+    # Forehead: above the upper edges of the eyebrows (of each brow's two chains, the higher one).
+    brow_chains = [landmarks[chain] for chain in topology["brows"]]
+    upper_edges = [min(pair, key=lambda chain: float((chain @ v_axis).mean())) for pair in (brow_chains[:2], brow_chains[2:])]
+    brow_u, brow_v = np.concatenate(upper_edges) @ u_axis, np.concatenate(upper_edges) @ v_axis
+    order = np.argsort(brow_u)
+    forehead = pixel_v < np.interp(pixel_u, brow_u[order], brow_v[order])
 
     left_corner, right_corner = landmarks[list(MOUTH_CORNERS)]
     mouth_axis = right_corner - left_corner

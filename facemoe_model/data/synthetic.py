@@ -32,7 +32,7 @@ from tqdm import tqdm
 from moescope.errors import DataError, MoescopeError
 from moescope.results import atomic_path, atomic_write
 
-from .transforms import gaussian_blur
+from .transforms import GaussianNoise, gaussian_blur
 
 __all__ = [
     "REGION_NAMES",
@@ -419,7 +419,7 @@ def _face_geometry(f: FaceIdentity, n: FaceNuisance) -> _Geometry:
     for side in (-1.0, 1.0):
         centre = np.array([0.5 * side, 0.0])
         height = f.eye_height * n.eye_open * (1 - 0.25 * n.smile)
-        upper = -height * (1 - u**2) ** 0.7 * (1 + 0.25 * u * side)
+        upper = -height * (1 - u**2) ** 0.7 * (1 - 0.2 * u)
         lower = f.eye_height * f.eye_lower * (1 - u**2) ** 0.9 * (1 - 0.15 * n.smile)
         outline = np.vstack([np.stack([u * f.eye_width, upper], 1), np.stack([u[::-1] * f.eye_width, lower[::-1]], 1)[1:-1]])
         eyes.append(_rotate(outline * np.array([side, 1.0]) + centre, -f.eye_tilt * side, centre))
@@ -442,8 +442,8 @@ def _face_geometry(f: FaceIdentity, n: FaceNuisance) -> _Geometry:
     tip = f.nose_length
     nw, nb = f.nose_width, f.nose_bridge
     nose = np.array([
-        (-nb, 0.0), (nb, 0.0), (nb * 1.3, tip - 0.3), (nw + 0.04, tip - 0.06), (nw + 0.02, tip + 0.08),
-        (0.0, tip + 0.13), (-nw - 0.02, tip + 0.08), (-nw - 0.04, tip - 0.06), (-nb * 1.3, tip - 0.3),
+        (-nb, 0.0), (nb, 0.0), (nb * 1.3, tip - 0.3), (nw + 0.04, tip - 0.06), (nw + 0.02, tip + 0.06),
+        (0.0, tip + 0.1), (-nw - 0.02, tip + 0.06), (-nw - 0.04, tip - 0.06), (-nb * 1.3, tip - 0.3),
     ])
 
     mw = f.mouth_width * (1 + 0.15 * n.smile)
@@ -486,54 +486,60 @@ def _head_depth(g: _Geometry, f: FaceIdentity, x: np.ndarray, y: np.ndarray, smo
 
 
 class _Canvas:
-    """Layers of the unposed face on a pixel grid: albedo, depth, coverage, gloss, regions."""
+    """Layers of the unposed face on a pixel grid: albedo, relief, coverage and gloss."""
 
     def __init__(self, origin: np.ndarray, shape: tuple[int, int], scale: float) -> None:
-        self.origin, self.scale = origin, scale  # face coords of pixel (0, 0); pixels per face unit
+        self.origin, self.scale = np.asarray(origin, np.float64), float(scale)
         h, w = shape
         self.albedo = np.zeros((h, w, 3), np.float32)
+        self.relief = np.zeros((h, w), np.float32)  # height added to the head surface (hair, occluders)
         self.alpha = np.zeros((h, w), np.float32)
         self.gloss = np.zeros((h, w), np.float32)
-        self.ys = (origin[1] + np.arange(h) / scale).astype(np.float32)
-        self.xs = (origin[0] + np.arange(w) / scale).astype(np.float32)
+        self.ys = (self.origin[1] + np.arange(h) / self.scale).astype(np.float32)
+        self.xs = (self.origin[0] + np.arange(w) / self.scale).astype(np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.alpha.shape
 
     def px(self, points: np.ndarray) -> np.ndarray:
-        return (np.asarray(points) - self.origin) * self.scale
+        return (np.asarray(points, np.float64) - self.origin) * self.scale
 
-    def _roi(self, pts_px: np.ndarray, pad: float) -> tuple[slice, slice] | None:
+    def window(self, points: np.ndarray, pad: float = 0.0) -> tuple[slice, slice] | None:
+        """The clipped pixel window around ``points`` plus ``pad`` face units (None if empty)."""
+        pts = self.px(points)
         h, w = self.shape
-        x0, y0 = np.floor(pts_px.min(0) - pad).astype(int)
-        x1, y1 = np.ceil(pts_px.max(0) + pad).astype(int) + 1
+        x0, y0 = np.floor(pts.min(0) - pad * self.scale - 2).astype(int)
+        x1, y1 = np.ceil(pts.max(0) + pad * self.scale + 2).astype(int) + 1
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         return (slice(y0, y1), slice(x0, x1)) if x1 > x0 and y1 > y0 else None
 
-    def coverage(self, points: np.ndarray, width: float | None = None, closed: bool = True):
-        """Anti-aliased coverage of a filled polygon (``width`` None) or a stroked polyline."""
-        pts = self.px(points)
-        line = 0.0 if width is None else width * self.scale
-        roi = self._roi(pts, line + 2)
+    def coverage(self, points: np.ndarray, width: float | None = None, closed: bool = True, roi=None):
+        """Anti-aliased coverage of a filled polygon (``width`` None) or a stroked polyline.
+
+        Returns ``(coverage, roi)``: float32 in [0, 1] over the window ``roi`` (computed from
+        the points when not given), or ``(None, None)`` off-canvas.
+        """
+        roi = roi or self.window(points, pad=width or 0.0)
         if roi is None:
             return None, None
         ys, xs = roi
         buf = np.zeros((ys.stop - ys.start, xs.stop - xs.start), np.uint8)
-        fixed = [np.round((pts - (xs.start, ys.start)) * 16).astype(np.int32)]
+        fixed = [np.round((self.px(points) - (xs.start, ys.start)) * 16).astype(np.int32)]
         if width is None:
             cv2.fillPoly(buf, fixed, 255, lineType=cv2.LINE_AA, shift=4)
             return buf.astype(np.float32) / 255, roi
+        line = width * self.scale
         cv2.polylines(buf, fixed, closed, 255, thickness=max(1, int(round(line))), lineType=cv2.LINE_AA, shift=4)
-        return buf.astype(np.float32) / 255 * min(1.0, line), roi
+        return buf.astype(np.float32) * (min(1.0, line) / 255), roi
 
-    def ellipse(self, centre, axes, angle: float = 0.0, steps: int = 36) -> np.ndarray:
-        t = np.linspace(0, 2 * np.pi, steps, endpoint=False)
-        pts = np.stack([axes[0] * np.cos(t), axes[1] * np.sin(t)], 1)
-        return _rotate(pts, -angle, np.zeros(2)) + centre
+    def paint(self, cov, roi, colour, *, texture: np.ndarray | None = None, opacity: float = 1.0,
+              gloss: float | None = None, relief: float | None = None, solid: bool = False) -> None:
+        """Blend ``colour`` (linear RGB) over the window with weight ``cov * opacity``.
 
-    def paint(self, cov, roi, colour, texture: np.ndarray | None = None, opacity: float = 1.0, gloss: float | None = None,
-              alpha: bool = False) -> None:
+        ``texture`` modulates the colour multiplicatively (1 + texture); ``gloss`` / ``relief``
+        set those layers; ``solid`` marks the pixels as foreground (against the background).
+        """
         if cov is None:
             return
         a = cov * opacity
@@ -544,136 +550,504 @@ class _Canvas:
         region += a[..., None] * (value - region)
         if gloss is not None:
             self.gloss[roi] += a * (gloss - self.gloss[roi])
-        if alpha:
-            self.alpha[roi] = np.maximum(self.alpha[roi], cov)
+        if relief is not None:
+            self.relief[roi] += a * (relief - self.relief[roi])
+        if solid:
+            np.maximum(self.alpha[roi], cov, out=self.alpha[roi])
+
+    def gaussian(self, cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
+        """A separable Gaussian bump over the whole canvas (outer product of 1-D profiles)."""
+        return np.outer(np.exp(-(((self.ys - cy) / sy) ** 2)), np.exp(-(((self.xs - cx) / sx) ** 2)))
 
     def fill_labels(self, labels: np.ndarray, points: np.ndarray, value: int) -> None:
         cv2.fillPoly(labels, [np.round(self.px(points) * 16).astype(np.int32)], int(value), shift=4)
 
 
+def _ellipse(centre, axes, angle: float = 0.0, steps: int = 32) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, steps, endpoint=False)
+    return _rotate(np.stack([axes[0] * np.cos(t), axes[1] * np.sin(t)], 1), -angle, np.zeros(2)) + centre
+
+
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: tuple[float, float]) -> np.ndarray:
-    """Zero-mean unit-std noise blurred by (sigma_x, sigma_y) pixels."""
+    """Zero-mean unit-std noise blurred by (sigma_x, sigma_y) pixels: hair strands, fabric."""
     n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma[0], sigmaY=sigma[1])
     return n / max(float(n.std()), 1e-6)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
-    """Low-frequency noise in [-1, 1] from a ``cells x cells`` random grid."""
+    """Low-frequency noise in about [-1, 1] from a ``cells x cells`` random grid."""
     grid = rng.uniform(-1, 1, size=(cells, cells)).astype(np.float32)
     return cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
 
 
-def _gaussian(c: _Canvas, cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
-    """Separable Gaussian bump over the canvas (outer product of two 1-D profiles)."""
-    return np.outer(np.exp(-(((c.ys - cy) / sy) ** 2)), np.exp(-(((c.xs - cx) / sx) ** 2)))
+def _waves(c: _Canvas, rng: np.random.Generator, count: int, frequency: tuple[float, float]) -> np.ndarray:
+    """Sum of random plane waves in face coordinates (identity-fixed skin variation), in [-1, 1]."""
+    total = np.zeros(c.shape, np.float32)
+    for _ in range(count):
+        w = rng.uniform(*frequency) * 2 * np.pi
+        angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        ax, ay = w * np.cos(angle), w * np.sin(angle)
+        # sin(ax x + ay y + p) = sin(ax x) cos(ay y + p) + cos(ax x) sin(ay y + p)
+        total += np.outer(np.cos(ay * c.ys + phase), np.sin(ax * c.xs)) + np.outer(np.sin(ay * c.ys + phase), np.cos(ax * c.xs))
+    return total / count
+
+
+def _half_width(g: _Geometry, y: float) -> float:
+    return float(np.interp(y, g.half_width_y, g.half_width_x))
 
 
 def _hair_outline(f: FaceIdentity, g: _Geometry, volume: float, rng: np.random.Generator) -> np.ndarray:
-    """Outer hair outline over the skull, from the left temple over the top to the right one."""
-    upper = g.contour[g.contour[:, 1] < 0.1]
-    centre = np.array([0.0, (f.skull_top + 0.3) / 2])
+    """Outer hair outline: the upper head contour pushed out by ``volume``, image-left to right."""
+    right = np.stack([g.half_width_x, g.half_width_y], 1)
+    right = right[right[:, 1] < 0.2]  # top of the skull down to below the eye line
+    upper = np.vstack([right[::-1] * (-1.0, 1.0), right[1:]])
+    centre = np.array([0.0, (f.skull_top + 0.2) / 2])
     d = upper - centre
-    r = np.linalg.norm(d, axis=1, keepdims=True)
     angle = np.arctan2(d[:, 1], d[:, 0])
-    wobble = 1 + 0.04 * np.sin(angle * rng.integers(5, 9) + rng.uniform(0, 6.3))
-    out = centre + d * (1 + volume * wobble[:, None] / r)
-    start = int(np.argmax(out[:, 0] < 0))  # contour runs right side top->bottom, then left bottom->top
-    return np.roll(out, -start, axis=0)
+    wobble = 1 + 0.25 * np.sin(angle * rng.integers(5, 10) + rng.uniform(0, 2 * np.pi))
+    return centre + d * (1 + volume * wobble[:, None] / np.linalg.norm(d, axis=1, keepdims=True))
 
 
-def _paint_hair(c: _Canvas, f: FaceIdentity, g: _Geometry, rng: np.random.Generator, back: bool) -> None:
-    """Back hair (behind the head: long styles) or the cap and fringe in front of the skull."""
-    style, hair = f.hair_style, np.array(f.hair)
+def _paint_back_hair(c: _Canvas, f: FaceIdentity, g: _Geometry, strands: np.ndarray, volume: float,
+                     rng: np.random.Generator) -> None:
+    """Hair hanging behind the head and down the sides (long, medium and curly styles)."""
+    length = {"long": 3.2, "medium": 1.0, "curly": 1.1}.get(f.hair_style)
+    if length is None:
+        return
+    outer = _hair_outline(f, g, volume + 0.05, rng)
+    side = f.face_width + volume + 0.1
+    drop = np.array([(side, length - 0.3), (side * 0.85, length), (-side * 0.85, length), (-side, length - 0.3)])
+    cov, roi = c.coverage(np.vstack([outer, drop]))
+    c.paint(cov, roi, np.array(f.hair) * 0.75, texture=strands, gloss=0.12, relief=-0.1, solid=True)
+
+
+def _paint_front_hair(c: _Canvas, f: FaceIdentity, g: _Geometry, strands: np.ndarray, volume: float,
+                      rng: np.random.Generator) -> None:
+    """Hair cap over the skull down to the hairline, side drapes and fringe."""
+    style, hair, fw = f.hair_style, np.array(f.hair), f.face_width
     if style == "bald":
         return
-    volume = {"short": 0.06, "medium": 0.14, "long": 0.12, "bangs": 0.1, "curly": 0.3, "buzz": 0.015}[style]
-    volume *= 0.6 + 0.8 * f.hair_volume
-    strands = _noise(rng, c.shape, (1.2, 4.0) if style != "curly" else (2.0, 2.0)) * 0.22
-    fw = f.face_width
-    if back:
-        if style not in ("long", "medium", "curly"):
-            return
-        length = {"long": 3.2, "medium": 0.9, "curly": 1.2}[style]
-        outer = _hair_outline(f, g, volume + 0.04, rng)
-        side = fw + volume + 0.12
-        drop = np.array([(side, length - 0.4), (side * 0.9, length), (-side * 0.9, length), (-side, length - 0.4)])
-        cov, roi = c.coverage(np.vstack([outer[::-1][outer[::-1, 0] > 0], drop, outer[::-1][outer[::-1, 0] < 0]]))
-        c.paint(cov, roi, hair * 0.8, texture=strands, gloss=0.15, alpha=True)
-        return
-
-    outer = _hair_outline(f, g, volume, rng)
-    recede = 0.12 * max(f.hairline_shape, 0.0)
-    sideburn = 0.05 if style != "buzz" else -0.1
-    hx = fw * 0.97
+    recede = 0.14 * max(f.hairline_shape, 0.0)
+    sideburn = -0.1 if style == "buzz" else 0.08
+    hx = _half_width(g, 0.0) + 0.02
     line = _catmull_rom(np.array([
-        (hx, sideburn), (hx - 0.04, f.hairline * 0.45), (0.78 * fw, f.hairline - recede),
-        (0.3, f.hairline + 0.08 * recede), (0.0, f.hairline + 0.08 * f.hairline_shape),
-        (-0.3, f.hairline + 0.08 * recede), (-0.78 * fw, f.hairline - recede), (-(hx - 0.04), f.hairline * 0.45),
+        (hx, sideburn), (hx - 0.08, f.hairline * 0.5), (0.75 * fw, f.hairline - recede),
+        (0.3, f.hairline + 0.05 * recede), (0.0, f.hairline + 0.07 * f.hairline_shape),
+        (-0.3, f.hairline + 0.05 * recede), (-0.75 * fw, f.hairline - recede), (-(hx - 0.08), f.hairline * 0.5),
         (-hx, sideburn),
     ]), closed=False)
-    cap = np.vstack([outer[outer[:, 1] < sideburn][::-1], line])
-    if style == "buzz":
-        colour = hair * 0.5 + np.array(f.skin) * 0.5
-        cov, roi = c.coverage(cap)
-        c.paint(cov, roi, colour, texture=strands * 0.5, opacity=0.85, alpha=True)
-        return
+    outer = _hair_outline(f, g, volume, rng)
+    cap = np.vstack([outer[outer[:, 1] < sideburn], line])
     cov, roi = c.coverage(cap)
-    c.paint(cov, roi, hair, texture=strands, gloss=0.25, alpha=True)
-    if style == "medium":  # hair over the ears
-        for side in (-1, 1):
-            drape = np.array([(side * (fw - 0.06), -0.2), (side * (fw + volume + 0.08), -0.3),
-                              (side * (fw + volume + 0.05), 0.75), (side * (fw - 0.02), 0.55)])
-            cov, roi = c.coverage(drape)
-            c.paint(cov, roi, hair, texture=strands, alpha=True)
-    if style in ("bangs", "curly"):
-        depth = -f.brow_height - 0.1 - 0.15 * rng.random()
-        k = np.linspace(-1, 1, 15)
-        edge = depth + 0.04 * np.sin(k * 19 + rng.uniform(0, 6.3)) - 0.12 * f.hair_part * k - 0.15 * k**4
-        fringe = np.vstack([[(-fw, f.hairline * 0.5)], np.stack([k * fw * 0.95, edge], 1), [(fw, f.hairline * 0.5)],
-                            [(0.0, f.hairline - 0.1)]])
-        cov, roi = c.coverage(fringe)
-        c.paint(cov, roi, hair, texture=strands, gloss=0.25)
-
-
-def _paint_eye(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry, i: int, rng: np.random.Generator) -> None:
-    outline, centre = g.eyes[i], g.eye_centres[i]
-    skin = np.array(f.skin)
-    open_cov, roi = c.coverage(outline)
-    if open_cov is None:
+    if style == "buzz":
+        c.paint(cov, roi, hair * 0.5 + np.array(f.skin) * 0.5, texture=strands * 0.5, opacity=0.85, solid=True)
         return
-    sclera = np.array([0.62, 0.58, 0.55]) * (0.9 + 0.1 * rng.random())
-    c.paint(open_cov, roi, sclera, gloss=0.9)
+    c.paint(cov, roi, hair, texture=strands, gloss=0.2, relief=volume, solid=True)
+    if style in ("medium", "long", "curly"):  # hair falling over the ears and temples
+        for side in (-1.0, 1.0):
+            drape = np.array([(side * (hx - 0.08), f.hairline * 0.5), (side * (hx + volume + 0.05), f.hairline * 0.3),
+                              (side * (hx + volume), 0.8), (side * (hx - 0.01), 0.5)])
+            cov, roi = c.coverage(drape)
+            c.paint(cov, roi, hair, texture=strands, gloss=0.2, relief=volume * 0.5, solid=True)
+    if style in ("bangs", "curly"):
+        low = -f.brow_height - 0.1 - 0.12 * rng.random()
+        k = np.linspace(-1, 1, 17)
+        edge = low + 0.035 * np.sin(k * 23 + rng.uniform(0, 2 * np.pi)) - 0.12 * f.hair_part * k - 0.25 * k**4
+        fringe = np.vstack([np.stack([k * hx, edge], 1), line - (0.0, 0.1)])
+        cov, roi = c.coverage(fringe)
+        c.paint(cov, roi, hair, texture=strands, gloss=0.2, relief=volume * 0.6)
+
+
+def _paint_eye(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry, i: int) -> None:
+    """Sclera, iris, pupil, lid shadow, lash line (with a wing), lower lid and crease."""
+    outline, centre = g.eyes[i], g.eye_centres[i]
+    skin, lashes = np.array(f.skin), np.array(f.brows) * 0.5
+    roi = c.window(outline, pad=0.12)
+    if roi is None:
+        return
+    opening, _ = c.coverage(outline, roi=roi)
+    c.paint(opening, roi, (0.6, 0.56, 0.53), gloss=0.8)
     iris_centre = centre + np.array(n.gaze) * np.array([1.0, 0.4])
-    radius = f.iris_radius
-    for colour, r in ((np.array(f.iris) * 0.45, radius), (np.array(f.iris), radius * 0.85), ((0.01, 0.01, 0.01), radius * 0.42)):
-        cov, sub = c.coverage(c.ellipse(iris_centre, (r, r)))
-        if cov is not None:
-            inside = cov * open_cov[sub[0].start - roi[0].start: sub[0].stop - roi[0].start,
-                                    sub[1].start - roi[1].start: sub[1].stop - roi[1].start] \
-                if _contains(roi, sub) else cov * _crop(open_cov, roi, sub)
-            c.paint(inside, sub, colour, gloss=0.9)
-    # lid shadow on the upper iris, lash line, lower lid, crease
-    upper = outline[: len(outline) // 2 + 1]
-    lashes = np.array(f.brows) * 0.5 + 0.004
-    cov, sub = c.coverage(upper + np.array([0, 0.012]), width=0.05)
-    c.paint(cov * _crop(open_cov, roi, sub, fill=1.0) * 0.5, sub, lashes * 2)
-    wing = upper[-1] + (upper[-1] - upper[-3]) * 0.8
-    cov, sub = c.coverage(np.vstack([upper, wing if i == 1 else upper[-1]]) if i == 1 else np.vstack([wing * 0 + upper[0] + (upper[0] - upper[2]) * 0.8, upper]), width=0.035)
-    c.paint(cov, sub, lashes)
-    lower = outline[len(outline) // 2:]
-    cov, sub = c.coverage(np.vstack([lower, outline[:1]]), width=0.015, closed=False)
-    c.paint(cov, sub, skin * 0.45, opacity=0.8)
-    crease = centre + (upper - centre) * np.array([1.08, 1.0]) - np.array([0, 0.06 + 0.02 * n.brow_raise])
-    cov, sub = c.coverage(crease[2:-2], width=0.02, closed=False)
-    c.paint(cov, sub, skin * 0.55, opacity=0.5)
+    r = f.iris_radius
+    for colour, radius in ((np.array(f.iris) * 0.4, r), (np.array(f.iris), r * 0.86), ((0.01, 0.01, 0.01), r * 0.4)):
+        disc, _ = c.coverage(_ellipse(iris_centre, (radius, radius)), roi=roi)
+        c.paint(disc * opening, roi, colour, gloss=0.9)
+    upper = outline[:17]  # upper lid, inner to outer corner
+    lower = np.vstack([upper[-1:], outline[17:], upper[:1]])
+    shadow, _ = c.coverage(upper + (0, 0.02), width=0.05, closed=False, roi=roi)
+    c.paint(shadow * opening, roi, (0.05, 0.04, 0.04), opacity=0.5)
+    wing = upper[-1] + (upper[-1] - upper[-3]) * 0.9 + (0, -0.01)
+    line, _ = c.coverage(np.vstack([upper, wing]), width=0.036, closed=False, roi=roi)
+    c.paint(line, roi, lashes)
+    line, _ = c.coverage(lower, width=0.016, closed=False, roi=roi)
+    c.paint(line, roi, skin * 0.4, opacity=0.8)
+    crease = centre + (upper[3:-3] - centre) * (1.05, 1.0) - (0, 0.055 + 0.02 * n.brow_raise + 0.5 * f.eye_height)
+    line, _ = c.coverage(crease, width=0.02, closed=False, roi=roi)
+    c.paint(line, roi, skin * 0.5, opacity=0.5)
 
 
-def _crop(cov: np.ndarray, roi, sub, fill: float = 0.0) -> np.ndarray:
-    """``cov`` (defined on ``roi``) resampled onto the window ``sub`` (``fill`` outside ``roi``)."""
-    out = np.full((sub[0].stop - sub[0].start, sub[1].stop - sub[1].start), fill, np.float32)
-    y0, y1 = max(roi[0].start, sub[0].start), min(roi[0].stop, sub[0].stop)
-    x0, x1 = max(roi[1].start, sub[1].start), min(roi[1].stop, sub[1].stop)
-    if y1 > y0 and x1 > x0:
-        out[y0 - sub[0].start: y1 - sub[0].start, x0 - sub[1].start: x1 - sub[1].start] = \
-            cov[y0 - roi[0].start: y1 - roi[0].start, x0 - roi[1].start: x1 - roi[1].start]
-    return out
+def _paint_mouth(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> None:
+    cov, roi = c.coverage(g.lips_outer)
+    c.paint(cov, roi, f.lips, gloss=0.35)
+    if n.mouth_open > 0.04:
+        gap, roi = c.coverage(g.mouth_gap)
+        c.paint(gap, roi, (0.03, 0.01, 0.01))
+        top = g.mouth_gap[:21]
+        teeth, _ = c.coverage(np.vstack([top * (0.8, 1.0), top[::-1] * (0.8, 1.0) + (0, 0.05)]), roi=roi)
+        c.paint(teeth * gap, roi, (0.55, 0.52, 0.45), gloss=0.5)
+    else:
+        line, roi = c.coverage(g.mouth_gap[:21], width=0.018, closed=False)
+        c.paint(line, roi, np.array(f.lips) * 0.3)
+    for corner in g.mouth_corners:  # commissures
+        cov, roi = c.coverage(_ellipse(corner, (0.035, 0.02)))
+        c.paint(cov, roi, np.array(f.skin) * 0.35, opacity=0.6)
+
+
+def _paint_facial_hair(c: _Canvas, f: FaceIdentity, g: _Geometry, strands: np.ndarray) -> None:
+    if f.facial_hair == "none":
+        return
+    colour = np.array(f.brows)
+    mw, my, tip = g.mouth_corners[1, 0], g.mouth_corners[:, 1].mean(), f.nose_length
+    moustache = np.array([(-mw - 0.05, my + 0.02), (-0.15, tip + 0.13), (0.15, tip + 0.13), (mw + 0.05, my + 0.02),
+                          (mw * 0.6, my - 0.03), (0.0, my - 0.05), (-mw * 0.6, my - 0.03)])
+    jaw = np.stack([g.half_width_x, g.half_width_y], 1)
+    jaw = jaw[jaw[:, 1] > 0.35] - (0.02, 0.0)  # right jaw, top to chin
+    x0 = jaw[0, 0]
+    inner = np.array([(-x0 + 0.2, 0.45), (-mw - 0.08, my), (0.0, my + f.lower_lip + 0.07), (mw + 0.08, my), (x0 - 0.2, 0.45)])
+    beard = np.vstack([jaw, jaw[::-1][1:] * (-1.0, 1.0), inner])
+    if f.facial_hair == "stubble":
+        cov, roi = c.coverage(beard)
+        c.paint(cov, roi, colour, texture=strands * 0.4, opacity=0.3)
+        cov, roi = c.coverage(moustache)
+        c.paint(cov, roi, colour, texture=strands * 0.4, opacity=0.3)
+        return
+    if f.facial_hair == "beard":
+        cov, roi = c.coverage(beard)
+        c.paint(cov, roi, colour, texture=strands, opacity=0.92, relief=0.06)
+    cov, roi = c.coverage(moustache)
+    c.paint(cov, roi, colour, texture=strands, opacity=0.92, relief=0.04)
+
+
+def _paint_occlusion(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry, rng: np.random.Generator) -> None:
+    """Glasses, sunglasses, mask, hat or a hand, attached to the face (they follow the pose)."""
+    kind = n.occlusion
+    colour = _linear(rng.uniform(10, 230, size=3))
+    if kind in ("glasses", "sunglasses"):
+        frame = colour * 0.3 if rng.random() < 0.6 else colour
+        rx, ry = rng.uniform(0.2, 0.27), rng.uniform(0.14, 0.2)
+        lenses = [_ellipse(centre + (0.0, 0.02), (rx, ry), steps=40) for centre in g.eye_centres]
+        for lens in lenses:
+            cov, roi = c.coverage(lens)
+            if kind == "sunglasses":
+                c.paint(cov, roi, (0.015, 0.015, 0.02), opacity=0.93, gloss=1.0, relief=0.12)
+            else:
+                c.paint(cov, roi, (0.8, 0.85, 0.9), opacity=0.06, gloss=0.6)
+            cov, roi = c.coverage(lens, width=0.03)
+            c.paint(cov, roi, frame, gloss=0.5, relief=0.12)
+        y = 0.0
+        for points in ([(-0.5 + rx, y), (0.5 - rx, y)], [(-0.5 - rx, y), (-_half_width(g, y), y - 0.03)],
+                       [(0.5 + rx, y), (_half_width(g, y), y - 0.03)]):
+            cov, roi = c.coverage(np.array(points), width=0.03, closed=False)
+            c.paint(cov, roi, frame, relief=0.12)
+    elif kind == "mask":
+        top = f.nose_length * rng.uniform(0.45, 0.65)
+        right = np.stack([g.half_width_x, g.half_width_y], 1)
+        side = right[right[:, 1] > top] - (0.03, 0.0)  # right face edge, top to chin
+        outline = np.vstack([[(0.0, top - 0.05)], side, side[::-1][1:] * (-1.0, 1.0)])
+        cov, roi = c.coverage(outline)
+        c.paint(cov, roi, colour * 0.3 + 0.45 if rng.random() < 0.5 else colour, relief=0.08,
+                texture=_noise(rng, c.shape, (1.0, 1.0)) * 0.05)
+    elif kind == "hat":
+        brim_y = f.hairline * rng.uniform(0.55, 0.85)
+        crown = _hair_outline(f, g, 0.25, rng)
+        crown = crown[crown[:, 1] < brim_y]
+        cov, roi = c.coverage(np.vstack([crown, [(-crown[0, 0], brim_y)]]))
+        c.paint(cov, roi, colour, relief=0.3, solid=True, texture=_noise(rng, c.shape, (1.5, 1.5)) * 0.06)
+        brim = _ellipse((0.0, brim_y), (f.face_width + 0.35, 0.12), steps=40)
+        cov, roi = c.coverage(brim)
+        c.paint(cov, roi, colour * 0.8, relief=0.45, solid=True)
+    elif kind == "hand":
+        skin = _linear(_SKIN[rng.integers(len(_SKIN))])
+        centre = np.array([rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.2), rng.uniform(0.8, 1.8)])
+        angle = rng.uniform(-0.6, 0.6)
+        cov, roi = c.coverage(_ellipse(centre, (0.42, 0.55), angle))
+        c.paint(cov, roi, skin, relief=0.35, solid=True, gloss=0.1)
+        for k in range(4):
+            base = centre + _rotate(np.array([[-0.3 + 0.2 * k, -0.45]]), angle, np.zeros(2))[0]
+            tip = base + _rotate(np.array([[0.03 * (k - 1.5), -rng.uniform(0.45, 0.6)]]), angle, np.zeros(2))[0]
+            cov, roi = c.coverage(np.array([base, tip]), width=0.17, closed=False)
+            c.paint(cov, roi, skin * 0.95, relief=0.35, solid=True)
+
+
+def _surface_features(c: _Canvas, f: FaceIdentity, g: _Geometry) -> np.ndarray:
+    """Facial relief added to the head (face units): sockets, brow ridge, cheekbones, nose, lips, chin."""
+    z = np.zeros(c.shape, np.float32)
+    for side in (-1.0, 1.0):
+        z -= 0.16 * c.gaussian(0.5 * side, -0.03, 0.3, 0.2)
+        z += 0.1 * c.gaussian(0.5 * side, 0.0, 0.2, 0.12)
+        z += 0.07 * c.gaussian(0.45 * side, -f.brow_height - 0.02, 0.35, 0.1)
+        z += (0.03 + 0.06 * f.cheekbones) * c.gaussian(0.62 * side, 0.38, 0.28, 0.2)
+        z -= 0.04 * c.gaussian(0.95 * side, -0.45, 0.15, 0.25)
+        z += 0.1 * c.gaussian(f.nose_width * 0.75 * side, f.nose_length - 0.02, 0.08, 0.07)
+        z -= 0.04 * c.gaussian(g.mouth_corners[1, 0] * side, g.mouth_corners[0, 1], 0.05, 0.05)
+    z += 0.07 * c.gaussian(0.0, f.mouth_y, g.mouth_corners[1, 0] * 0.8, 0.1)
+    z += 0.07 * c.gaussian(0.0, f.chin_y - 0.25, 0.25, 0.15)
+    z -= 0.03 * c.gaussian(0.0, f.nose_length + 0.15, 0.08, 0.04)
+    # nose: a ridge rising from the bridge to the tip, widening towards the alae
+    roi = c.window(np.array([(-0.3, 0.0), (0.3, f.nose_length + 0.3)]))
+    if roi is not None:
+        y, x = c.ys[roi[0]][:, None], c.xs[roi[1]][None, :]
+        t = np.clip(y / f.nose_length, 0, None)
+        height = np.where(t < 1, t**1.4, np.exp(-(((y - f.nose_length) / 0.07) ** 2)))
+        width = f.nose_bridge + (0.6 * f.nose_width - f.nose_bridge) * np.clip(t, 0, 1) ** 2
+        z[roi] += f.nose_projection * height * np.exp(-((x / width) ** 2))
+    return z
+
+
+def _paint_face(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> None:
+    """Paint every layer of the unposed face onto the canvas."""
+    identity_rng = np.random.default_rng(f.texture_seed)
+    rng = np.random.default_rng(n.texture_seed)
+    skin = np.array(f.skin)
+    style_volume = {"short": 0.07, "medium": 0.14, "long": 0.12, "bangs": 0.1, "curly": 0.32, "buzz": 0.015,
+                    "bald": 0.0}[f.hair_style]
+    volume = style_volume * (0.6 + 0.8 * f.hair_volume)
+    strands = _noise(rng, c.shape, (2.0, 2.0) if f.hair_style == "curly" else (1.0, 3.5)) * 0.25
+
+    _paint_back_hair(c, f, g, strands, volume, rng)
+    neck = np.array([(-0.62, f.mouth_y), (0.62, f.mouth_y), (0.66, f.chin_y + 1.2), (-0.66, f.chin_y + 1.2)])
+    shoulders = np.array([(-0.6, f.chin_y + 0.45), (0.6, f.chin_y + 0.45), (2.8, f.chin_y + 1.0), (2.8, 5.0), (-2.8, 5.0),
+                          (-2.8, f.chin_y + 1.0)])
+    cov, roi = c.coverage(neck)
+    c.paint(cov, roi, skin * 0.8, gloss=0.1, solid=True, relief=-0.25)
+    cov, roi = c.coverage(shoulders)
+    c.paint(cov, roi, n.clothes, texture=_noise(rng, c.shape, (1.0, 1.0)) * 0.08, solid=True, relief=-0.2)
+    for side in (-1.0, 1.0):
+        ear = np.array([side * (_half_width(g, f.ear_y) + 0.03), f.ear_y])
+        cov, roi = c.coverage(_ellipse(ear, (0.15, 0.4 * f.ear_size), 0.1 * side))
+        c.paint(cov, roi, skin * np.array([0.95, 0.85, 0.85]), gloss=0.1, solid=True)
+        cov, roi = c.coverage(_ellipse(ear + (side * 0.02, 0.02), (0.07, 0.26 * f.ear_size), 0.1 * side))
+        c.paint(cov, roi, skin * 0.6, opacity=0.7)
+
+    cov, roi = c.coverage(g.contour)
+    blotches = 1 + 0.06 * _waves(c, identity_rng, 5, (0.4, 1.5))
+    c.paint(cov, roi, skin, texture=(blotches - 1), gloss=0.12, relief=0.0, solid=True)
+    # blush on the cheeks and nose, darker eye surroundings
+    flush = sum(c.gaussian(0.6 * s, 0.55, 0.25, 0.2) for s in (-1, 1)) + 0.6 * c.gaussian(0.0, f.nose_length, 0.12, 0.1)
+    c.albedo *= (1 + flush[..., None] * np.array([0.04, -0.08, -0.06], np.float32))
+    shade = sum(c.gaussian(0.5 * s, 0.02, 0.3, 0.16) for s in (-1, 1))
+    c.albedo *= (1 - 0.12 * shade[..., None])
+
+    for side in (-1.0, 1.0):
+        nostril = _ellipse((side * f.nose_width * 0.5, f.nose_length + 0.045), (0.055, 0.028), 0.35 * side)
+        cov, roi = c.coverage(nostril)
+        c.paint(cov, roi, skin * 0.25, opacity=0.85)
+        crease = _ellipse((side * f.nose_width * 0.78, f.nose_length - 0.01), (0.07, 0.08), 0.0)[[14, 15, 16, 17, 18, 19, 20, 21]]
+        crease = crease if side < 0 else crease * (-1, 1)
+        cov, roi = c.coverage(crease, width=0.02, closed=False)
+        c.paint(cov, roi, skin * 0.6, opacity=0.5)
+    _paint_mouth(c, f, n, g)
+    for i in range(2):
+        _paint_eye(c, f, n, g, i)
+    brow_texture = strands * 0.6
+    for brow in g.brows:
+        cov, roi = c.coverage(brow)
+        c.paint(cov, roi, f.brows, texture=brow_texture, opacity=0.92)
+    _paint_facial_hair(c, f, g, strands)
+    _paint_front_hair(c, f, g, strands, volume, rng)
+    if n.occlusion is not None:
+        _paint_occlusion(c, f, n, g, rng)
+
+
+def _region_labels(c: _Canvas, f: FaceIdentity, g: _Geometry) -> np.ndarray:
+    """Region index (into :data:`REGION_NAMES`) of every canvas pixel."""
+    labels = np.full(c.shape, REGION_NAMES.index("hair_background"), np.uint8)
+    oval = np.zeros(c.shape, np.uint8)
+    c.fill_labels(oval, g.oval, 1)
+    inside = oval.astype(bool)
+    y = c.ys[:, None]
+    above_brows = y < np.interp(c.xs, *g.brow_top)[None, :]
+    below_mouth = y > g.mouth_corners[:, 1].mean()
+    band = cv2.distanceTransform(oval, cv2.DIST_L2, 3) < _CHIN_BAND * c.scale
+    jaw = band & (y > f.nose_length)
+    labels[inside] = REGION_NAMES.index("cheeks")
+    labels[inside & above_brows] = REGION_NAMES.index("forehead")
+    labels[inside & (below_mouth | jaw)] = REGION_NAMES.index("chin_jawline")
+    c.fill_labels(labels, g.nose, REGION_NAMES.index("nose"))
+    c.fill_labels(labels, g.lips_outer, REGION_NAMES.index("mouth"))
+    for eye, brow in zip(g.eyes, g.brows):
+        hull = cv2.convexHull(np.vstack([eye, brow]).astype(np.float32))[:, 0]
+        grown = hull.mean(0) + (hull - hull.mean(0)) * 1.08
+        c.fill_labels(labels, grown, REGION_NAMES.index("eyes"))
+    return labels
+
+
+# --------------------------------------------------------------------------- light, pose, camera
+
+
+def _light(c: _Canvas, depth: np.ndarray, n: FaceNuisance, rotation: np.ndarray) -> np.ndarray:
+    """Linear RGB radiance of the canvas: wrap-around diffuse, hollows, cast shadows, specular."""
+    az, el = np.radians(n.light_azimuth), np.radians(n.light_elevation)
+    light = rotation.T @ np.array([np.sin(az) * np.cos(el), -np.sin(el), np.cos(az) * np.cos(el)])
+    view = rotation.T @ np.array([0.0, 0.0, 1.0])
+    half = (light + view) / np.linalg.norm(light + view)
+    z_px = depth * c.scale
+    gx = cv2.Sobel(z_px, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(z_px, cv2.CV_32F, 0, 1, ksize=3) / 8
+    norm = np.sqrt(gx**2 + gy**2 + 1)
+    n_dot_l = (-gx * light[0] - gy * light[1] + light[2]) / norm
+    n_dot_h = np.clip((-gx * half[0] - gy * half[1] + half[2]) / norm, 0, 1)
+    wrap = 0.35
+    diffuse = np.clip((n_dot_l + wrap) / (1 + wrap), 0, 1)
+    hollows = cv2.GaussianBlur(depth, (0, 0), 0.12 * c.scale) - depth
+    occlusion = 1 - np.clip(4 * hollows, 0, 0.6)
+    # cast shadows: march towards the light over the depth map
+    shadow = np.zeros_like(depth)
+    planar = np.hypot(light[0], light[1])
+    if planar > 0.05:
+        direction, rise = light[:2] / planar, light[2] / planar
+        for step in (0.04, 0.08, 0.14, 0.22, 0.32):
+            d = step * c.scale
+            shift = np.float32([[1, 0, d * direction[0]], [0, 1, d * direction[1]]])
+            ahead = cv2.warpAffine(z_px, shift, z_px.shape[::-1], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_REPLICATE)
+            np.maximum(shadow, np.clip((ahead - z_px - d * rise) / (0.03 * c.scale), 0, 1), out=shadow)
+        shadow = cv2.GaussianBlur(shadow, (0, 0), 0.03 * c.scale)
+    lit = n.light_strength * diffuse * (1 - 0.85 * shadow)
+    tint = np.asarray(n.light_colour, np.float32)
+    radiance = c.albedo * ((n.ambient * occlusion + lit * np.sqrt(occlusion))[..., None] * tint)
+    radiance += (c.gloss * 0.5 * n_dot_h**40 * lit)[..., None] * tint
+    return radiance
+
+
+def _rotation(yaw: float, pitch: float) -> np.ndarray:
+    a, b = np.radians(yaw), np.radians(pitch)
+    ry = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rx @ ry
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (Umeyama) mapping ``src`` points onto ``dst``, as a 3x3 matrix."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    u, sv, vt = np.linalg.svd(d0.T @ s0 / len(src))
+    d = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+    rot = u @ d @ vt
+    scale = np.trace(np.diag(sv) @ d) / s0.var(0).sum()
+    m = np.eye(3)
+    m[:2, :2] = scale * rot
+    m[:2, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def _jitter(n: FaceNuisance, size: float) -> np.ndarray:
+    """Residual misalignment: roll and scale about the image centre, then a shift."""
+    a, s = np.radians(n.roll), n.scale
+    centre = np.array([(size - 1) / 2, (size - 1) / 2])
+    m = np.eye(3)
+    m[:2, :2] = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    m[:2, 2] = centre - m[:2, :2] @ centre + np.array(n.shift) * size
+    return m
+
+
+def _pose(f: FaceIdentity, n: FaceNuisance, g: _Geometry, size: int):
+    """Map every pixel of the supersampled output to its unposed face coordinates.
+
+    The head turns (yaw, pitch) as the depth surface of :func:`_head_depth` seen
+    orthographically; the posed 5 landmarks are aligned to the ArcFace template, then the
+    residual jitter applies. Returns (face x, face y) per output pixel, the rotation and the
+    landmarks in output pixels.
+    """
+    rotation = _rotation(n.yaw, n.pitch)
+    a, r = rotation[:2, :2], rotation[:2, 2]
+    a_inv = np.linalg.inv(a)
+
+    def depth(p: np.ndarray) -> np.ndarray:
+        return _head_depth(g, f, p[..., 0], p[..., 1], smooth=True)[..., None]
+
+    posed = g.landmarks @ a.T + depth(g.landmarks) * r
+    out = size * _SUPERSAMPLE
+    template = arcface_template(size) * _SUPERSAMPLE + (_SUPERSAMPLE - 1) / 2
+    to_output = _jitter(n, out) @ _similarity(posed, template)
+    ij = np.stack(np.meshgrid(np.arange(out, dtype=np.float64), np.arange(out, dtype=np.float64)), -1)
+    q = (ij - to_output[:2, 2]) @ np.linalg.inv(to_output[:2, :2]).T
+    p = q @ a_inv.T
+    for _ in range(4):  # fixed point of p = A^-1 (q - r z(p))
+        p = (q - depth(p) * r) @ a_inv.T
+    landmarks = posed @ to_output[:2, :2].T + to_output[:2, 2]
+    return p.astype(np.float32), rotation, landmarks
+
+
+def _background(n: FaceNuisance, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Linear RGB background: a tinted gradient with low-frequency blotches, optionally textured."""
+    h, w = shape
+    base = np.asarray(n.background, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    gx, gy = rng.uniform(-0.6, 0.6, size=2)
+    shade = 0.8 + gx * (xx - 0.5) + gy * (yy - 0.5) + 0.25 * _smooth_noise(rng, shape, 4)
+    image = base * shade[..., None]
+    if n.background_textured:
+        kind = rng.integers(3)
+        if kind == 0:  # stripes
+            angle, period = rng.uniform(0, np.pi), rng.uniform(0.05, 0.25)
+            pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0
+            other = _linear(rng.uniform(20, 235, size=3)).astype(np.float32)
+            image = np.where(pattern[..., None], image, other * shade[..., None])
+        elif kind == 1:  # foliage-like blotches
+            image = image * (1 + 0.5 * _noise(rng, shape, (2.5, 2.5))[..., None].clip(-1.5, 1.5))
+        else:  # shelves / windows: random rectangles
+            for _ in range(rng.integers(3, 9)):
+                x0, y0 = rng.integers(0, w, size=2)
+                x1, y1 = x0 + rng.integers(w // 10, w // 2), y0 + rng.integers(h // 10, h // 2)
+                image[y0:y1, x0:x1] = _linear(rng.uniform(20, 235, size=3)).astype(np.float32) * shade[y0:y1, x0:x1, None]
+    return np.clip(image * (n.ambient + 0.6 * n.light_strength), 0, None)
+
+
+def render_face(seed: int, identity: int, sample: int, size: int = 120, config: SyntheticConfig | None = None) -> FaceSample:
+    """Render sample ``sample`` of ``identity``: aligned RGB face, region masks and 5 landmarks."""
+    config = config or SyntheticConfig()
+    f = sample_identity(seed, identity, config)
+    n = sample_nuisance(seed, identity, sample, config)
+    g = _face_geometry(f, n)
+    face_xy, rotation, landmarks = _pose(f, n, g, size)
+
+    scale = _SUPERSAMPLE * size * (_ARCFACE_TEMPLATE_112[1, 0] - _ARCFACE_TEMPLATE_112[0, 0]) / 112
+    low = np.maximum(face_xy.reshape(-1, 2).min(0), (-3.0, -3.0)) - 2 / scale
+    high = np.minimum(face_xy.reshape(-1, 2).max(0), (3.0, 4.5)) + 2 / scale
+    shape = tuple(np.maximum(np.ceil((high - low) * scale).astype(int)[::-1] + 1, 1))
+    c = _Canvas(low, shape, scale)
+    _paint_face(c, f, n, g)
+    depth = _head_depth(g, f, c.xs[None, :], c.ys[:, None], smooth=False) * (c.alpha > 0)
+    depth = depth + _surface_features(c, f, g) * (depth > 0) + c.relief
+    radiance = _light(c, depth, n, rotation)
+    labels = _region_labels(c, f, g)
+
+    map_xy = (face_xy - c.origin.astype(np.float32)) * np.float32(scale)
+    mx, my = map_xy[..., 0], map_xy[..., 1]
+    colour = cv2.remap(radiance, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    alpha = cv2.remap(c.alpha, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    region = cv2.remap(labels, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                       borderValue=REGION_NAMES.index("hair_background"))
+
+    rng = np.random.default_rng(n.texture_seed)
+    background = _background(n, alpha.shape, rng)
+    image = colour + (1 - alpha[..., None]) * background
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    alpha = cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA)
+    votes = cv2.resize(np.eye(len(REGION_NAMES), dtype=np.float32)[region], (size, size), interpolation=cv2.INTER_AREA)
+    region = votes.argmax(-1)
+
+    # auto exposure: bring the face to a mid-grey brightness (times the sample's exposure)
+    face = (region != REGION_NAMES.index("hair_background")) & (alpha > 0.5)
+    luminance = image @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+    level = float(luminance[face].mean()) if face.any() else float(luminance.mean())
+    gain = np.clip(0.2 * n.exposure / max(level, 1e-4), 0.3, 8.0)
+    out = np.rint(np.clip(image * gain, 0, 1) ** (1 / 2.2) * 255).astype(np.uint8)
+    if n.blur_sigma > 0:
+        out = gaussian_blur(out, n.blur_sigma)
+    if n.noise_std > 0:
+        out = GaussianNoise(n.noise_std, rng)(out)
+    masks = region[None] == np.arange(len(REGION_NAMES))[:, None, None]
+    landmarks = ((landmarks - (_SUPERSAMPLE - 1) / 2) / _SUPERSAMPLE).astype(np.float32)
+    return FaceSample(image=out, masks=masks, landmarks=landmarks, identity=identity, sample=sample)

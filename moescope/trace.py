@@ -1,0 +1,171 @@
+"""Routing capture: forward hooks on every MoE layer record what the layer computed.
+
+:class:`RoutingTrace` attaches one hook to each MoE layer's ``hook_routing`` point (the
+layer passes its :class:`~facemoe_model.moe.RouterOutput` through it), so nothing is
+recomputed. It is a context manager: hooks are removed on exit, also on exceptions, and the
+model is left exactly as it was. After each forward pass ``trace.pop()`` hands out the
+batch's :class:`LayerRouting` per layer — per image, per token: rank-ordered top-k experts,
+combine weights, router probabilities and the token's (row, col) on the layer's grid.
+
+    with RoutingTrace(model) as trace:
+        for images in batches:
+            model(images)
+            for name, routing in trace.pop().items():
+                ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from facemoe_model.moe import RouterOutput, select_moe_layers
+
+__all__ = ["LayerRouting", "RoutingTrace", "token_frame"]
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """One MoE layer's routing for one batch, per image and grid token (prefix tokens dropped).
+
+    Attributes:
+        topk: ``[B, N, k]`` experts that processed each token, in the router's rank order.
+        weights: ``[B, N, k]`` their combine weights.
+        probs: ``[B, N, E]`` router probabilities (softmax of the logits).
+        logits: ``[B, N, E]`` router logits.
+        grid: ``(rows, cols)`` with ``rows * cols == N``; token ``n`` sits at ``divmod(n, cols)``.
+        weighting: the layer's combine-weight mode (``logits`` = raw-logit weights).
+    """
+
+    topk: np.ndarray
+    weights: np.ndarray
+    probs: np.ndarray
+    logits: np.ndarray
+    grid: tuple[int, int]
+    weighting: str
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.topk.shape[-1]
+
+    def contributions(self, count: str = "top1") -> np.ndarray:
+        """Per-token expert contributions ``[B, N, E]`` under a counting convention.
+
+        ``top1``: 1 for the rank-1 expert; ``topk``: 1/k for each of the k experts;
+        ``weighted``: the normalised combine weights ``|w| / sum |w|`` (ANALYSES.md).
+        """
+        B, N, k = self.topk.shape
+        out = np.zeros((B, N, self.num_experts), dtype=np.float64)
+        if count == "top1":
+            np.put_along_axis(out, self.topk[..., :1], 1.0, axis=-1)
+        elif count == "topk":
+            np.put_along_axis(out, self.topk, 1.0 / k, axis=-1)
+        elif count == "weighted":
+            w = np.abs(self.weights.astype(np.float64))
+            total = w.sum(-1, keepdims=True)
+            w = np.divide(w, total, out=np.full_like(w, 1.0 / k), where=total > 0)
+            np.put_along_axis(out, self.topk, w, axis=-1)
+        else:
+            raise ValueError(f"unknown counting convention {count!r}; use top1, topk or weighted")
+        return out
+
+    @classmethod
+    def from_router_output(cls, r: RouterOutput) -> "LayerRouting":
+        B, T = r.batch_size, r.tokens_per_image
+        if r.grid is None:
+            raise ValueError("MoE layer has no token grid; set MoELayer.token_grid")
+        start = r.num_prefix_tokens
+        n_grid = r.grid[0] * r.grid[1]
+        if T - start != n_grid:
+            raise ValueError(f"layer grid {r.grid} does not match its {T - start} tokens")
+
+        def per_image(t: torch.Tensor) -> np.ndarray:
+            return t.detach().reshape(B, T, -1)[:, start:].cpu().numpy()
+
+        return cls(
+            topk=per_image(r.topk_indices).astype(np.int64),
+            weights=per_image(r.combine_weights.float()),
+            probs=per_image(r.probs),
+            logits=per_image(r.logits.float()),
+            grid=tuple(r.grid),
+            weighting=r.weighting,
+        )
+
+
+class RoutingTrace:
+    """Context manager that records the routing of MoE layers on every forward pass.
+
+    Args:
+        model: any module containing :class:`~facemoe_model.moe.MoELayer` s.
+        layers: layer names or prefixes to record (default all).
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str] | None = None) -> None:
+        self.layers = select_moe_layers(model, layers)
+        self._handles: list = []
+        self._pending: dict[str, RouterOutput] = {}
+
+    def __enter__(self) -> "RoutingTrace":
+        try:
+            for name, layer in self.layers.items():
+                self._handles.append(layer.hook_routing.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, inputs, output: RouterOutput) -> None:
+            self._pending[name] = output
+
+        return record
+
+    def pop_raw(self) -> dict[str, RouterOutput]:
+        """The layers' :class:`RouterOutput` of the last forward pass (tensors as computed)."""
+        out, self._pending = self._pending, {}
+        return out
+
+    def pop(self) -> dict[str, LayerRouting]:
+        """The last forward pass's routing per layer, per image and token (numpy, on CPU)."""
+        return {name: LayerRouting.from_router_output(r) for name, r in self.pop_raw().items()}
+
+
+def token_frame(routing: dict[str, LayerRouting], image_ids: list[str]) -> pd.DataFrame:
+    """Per-token export (opt-in): one row per image x layer x token with row/col, the k
+    experts and weights in rank order, and the router probabilities."""
+    frames = []
+    for layer, r in routing.items():
+        B, N, k = r.topk.shape
+        rows, cols = np.divmod(np.arange(N), r.grid[1])
+        data = {
+            "image": np.repeat(np.asarray(image_ids, dtype=object), N),
+            "layer": layer,
+            "token": np.tile(np.arange(N), B),
+            "row": np.tile(rows, B),
+            "col": np.tile(cols, B),
+        }
+        for rank in range(k):
+            data[f"expert_rank{rank + 1}"] = r.topk[..., rank].reshape(-1)
+            data[f"weight_rank{rank + 1}"] = r.weights[..., rank].reshape(-1)
+        for e in range(r.num_experts):
+            data[f"prob_expert{e}"] = r.probs[..., e].reshape(-1)
+        frames.append(pd.DataFrame(data))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
