@@ -20,7 +20,7 @@ import torch
 from facemoe_model.data.datasets import preprocess
 
 from .errors import DataError
-from .landmarks import detect_landmarks, find_images, load_image, template_landmarks
+from .landmarks import IMAGE_EXTENSIONS, detect_landmarks, find_images, load_image, template_landmarks
 from .regions import REGIONS, hard_labels, pool_to_grid, region_masks
 
 __all__ = ["FaceBatch", "FaceStats", "REGION_SOURCES", "ASSIGN_MODES", "list_images", "face_batches"]
@@ -71,16 +71,17 @@ class FaceBatch:
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted); a one-line DataError when there are none."""
+    """Image files under ``root`` (a folder, recursive, sorted; or one image file).
+
+    Raises a one-line DataError when the path is missing, is not an image, or holds none."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
     if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"not an image file: {root}")
         return [root]
-    paths = find_images(root)
-    if not paths:
-        raise DataError(f"no image files found in {root}")
-    return paths
+    return find_images(root)
 
 
 def _fractions(masks: np.ndarray, grid: tuple[int, int], input_size: int, assign: str) -> np.ndarray:

@@ -55,11 +55,13 @@ DETECTION_SETTINGS: dict[str, Any] = {
     "min_detection_size": 256,
     # Padding (fraction of the long side, on each border) tried in order until a face is found:
     # the image as given first (padding a photo shrinks its face in the detector's view and costs
-    # accuracy: ~10% of the eye distance on skimage's astronaut), then with context for tight
-    # crops (LFW 25x25: 96 of 100 found unpadded, 100 padded).
+    # accuracy: landmarks move by ~7% of the eye distance on skimage's astronaut), then with
+    # context for tight crops (LFW 25x25: 95 of 100 found unpadded, 100 padded).
     "pad_fractions": (0.0, 0.25),
     "min_detection_confidence": 0.5,
-    "refine_landmarks": False,
+    # The attention mesh model: more accurate eyes and lips (synthetic faces' region tokens agree
+    # with their ground truth 90.4% vs 89.0% without); its 10 extra iris points are dropped.
+    "refine_landmarks": True,
 }
 """Everything that determines the landmarks; part of every cache key."""
 

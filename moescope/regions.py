@@ -19,11 +19,12 @@ hair_background > eyes > nose > mouth > chin_jawline > forehead > cheeks.
 from __future__ import annotations
 
 from functools import cache
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from moescope.landmarks import NOSE_TIP, MOUTH_CORNERS, NUM_LANDMARKS, five_points, landmark_set
+from moescope.landmarks import MOUTH_CORNERS, NOSE_TIP, NUM_LANDMARKS, five_points, landmark_set
 
 __all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_to_grid", "region_labels", "region_masks"]
 
@@ -54,31 +55,41 @@ def _chains(connections: frozenset[tuple[int, int]]) -> list[list[int]]:
     return chains
 
 
+class _Outlines(NamedTuple):
+    """Landmark indices of the region outlines, from Face Mesh's connection sets."""
+
+    oval: list[int]  # closed loop
+    eyes: list[list[int]]  # per side: eye contour and eyebrow points (for a convex hull)
+    brows: list[list[int]]  # upper and lower edge chains of the image-left brow, then the other
+    nose: list[int]  # nose points (for a convex hull)
+    mouth: list[int]  # outer lip loop
+
+
 @cache
-def _topology() -> dict[str, list[list[int]]]:
-    """Landmark index lists of the region outlines, built from Face Mesh's connection sets."""
+def _outlines() -> _Outlines:
     from mediapipe.python.solutions import face_mesh_connections as fmc
 
-    lip_loops = _chains(fmc.FACEMESH_LIPS)
-    return {
-        "oval": _chains(fmc.FACEMESH_FACE_OVAL),
-        "eyes": [
-            landmark_set(eye | brow)
-            for eye, brow in ((fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_EYEBROW), (fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_EYEBROW))
-        ],
-        "brows": _chains(fmc.FACEMESH_RIGHT_EYEBROW) + _chains(fmc.FACEMESH_LEFT_EYEBROW),
-        "nose": [landmark_set(fmc.FACEMESH_NOSE)],
-        # The lips are an outer and an inner loop; the outer one (through the corners) bounds the mouth.
-        "mouth": [next(loop for loop in lip_loops if MOUTH_CORNERS[0] in loop)],
-    }
+    sides = ((fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_EYEBROW), (fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_EYEBROW))
+    return _Outlines(
+        oval=_chains(fmc.FACEMESH_FACE_OVAL)[0],
+        eyes=[landmark_set(eye | brow) for eye, brow in sides],
+        brows=[chain for _, brow in sides for chain in _chains(brow)],
+        nose=landmark_set(fmc.FACEMESH_NOSE),
+        # The lips are an outer and an inner loop; the outer one runs through the mouth corners.
+        mouth=next(loop for loop in _chains(fmc.FACEMESH_LIPS) if MOUTH_CORNERS[0] in loop),
+    )
 
 
-def _fill(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndarray:
-    """Boolean mask of pixels inside ``polygons`` (continuous pixel coordinates)."""
+def _fill(shape: tuple[int, int], polygon: np.ndarray) -> np.ndarray:
+    """Boolean mask of the pixels inside ``polygon`` (continuous pixel coordinates)."""
     mask = np.zeros(shape, np.uint8)
-    vertices = [np.round((p - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32) for p in polygons]
-    cv2.fillPoly(mask, vertices, 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    vertices = np.round((polygon - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+    cv2.fillPoly(mask, [vertices], 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
     return mask.astype(bool)
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    return cv2.convexHull(points.astype(np.float32))[:, 0].astype(np.float64)
 
 
 def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -86,7 +97,7 @@ def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (NUM_LANDMARKS, 2):
         raise ValueError(f"landmarks must be [{NUM_LANDMARKS}, 2], got {list(landmarks.shape)}")
-    topology = _topology()
+    outlines = _outlines()
     shape = (height, width)
 
     eye_centres = five_points(landmarks)[:2]
@@ -97,23 +108,23 @@ def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     pixels = np.stack([cols + 0.5, rows + 0.5], axis=-1)
     pixel_u, pixel_v = pixels @ u_axis, pixels @ v_axis
 
-    oval = _fill(shape, [landmarks[loop] for loop in topology["oval"]])
-    eyes = np.zeros(shape, bool)
-    for indices in topology["eyes"]:
-        eyes |= _fill(shape, [cv2.convexHull(landmarks[indices].astype(np.float32))[:, 0].astype(np.float64)])
-    nose = _fill(shape, [cv2.convexHull(landmarks[topology["nose"][0]].astype(np.float32))[:, 0].astype(np.float64)])
-    mouth = _fill(shape, [landmarks[topology["mouth"][0]]])
+    oval = _fill(shape, landmarks[outlines.oval])
+    eyes = np.logical_or.reduce([_fill(shape, _convex_hull(landmarks[side])) for side in outlines.eyes])
+    nose = _fill(shape, _convex_hull(landmarks[outlines.nose]))
+    mouth = _fill(shape, landmarks[outlines.mouth])
 
     # Forehead: above the upper edges of the eyebrows (of each brow's two chains, the higher one).
-    brow_chains = [landmarks[chain] for chain in topology["brows"]]
-    upper_edges = [min(pair, key=lambda chain: float((chain @ v_axis).mean())) for pair in (brow_chains[:2], brow_chains[2:])]
-    brow_u, brow_v = np.concatenate(upper_edges) @ u_axis, np.concatenate(upper_edges) @ v_axis
+    brow_chains = [landmarks[chain] for chain in outlines.brows]
+    upper_edges = np.concatenate(
+        [min(pair, key=lambda chain: float((chain @ v_axis).mean())) for pair in (brow_chains[:2], brow_chains[2:])]
+    )
+    brow_u, brow_v = upper_edges @ u_axis, upper_edges @ v_axis
     order = np.argsort(brow_u)
     forehead = pixel_v < np.interp(pixel_u, brow_u[order], brow_v[order])
 
     left_corner, right_corner = landmarks[list(MOUTH_CORNERS)]
-    mouth_axis = right_corner - left_corner
-    below_mouth = mouth_axis[0] * (pixels[..., 1] - left_corner[1]) - mouth_axis[1] * (pixels[..., 0] - left_corner[0]) > 0
+    mouth_normal = np.array([left_corner[1] - right_corner[1], right_corner[0] - left_corner[0]])  # points down
+    below_mouth = (pixels - left_corner) @ mouth_normal > 0
     distance_to_oval = cv2.distanceTransform(oval.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     jaw_band = (distance_to_oval <= JAW_BAND * interocular) & (pixel_v > landmarks[NOSE_TIP] @ v_axis)
 

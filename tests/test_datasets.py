@@ -154,6 +154,8 @@ def test_gallery_probe_split_shares_labels_and_marks_distractors(tmp_path):
     assert split.gallery.labels.tolist() == [0, 2, -1, -1]
     assert split.probe.labels.tolist() == [0, 1, 2]
     assert torch.equal(split.probe[2][0], preprocess(lfw_face(2), 32))
+    (tmp_path / "distractors").rename(tmp_path / "unused")
+    assert gallery_probe_split(tmp_path).gallery.labels.tolist() == [0, 2]  # distractors are optional
     (tmp_path / "gallery").rename(tmp_path / "galleries")
     with pytest.raises(DataError, match="gallery: not a folder"):
         gallery_probe_split(tmp_path)

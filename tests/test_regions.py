@@ -11,7 +11,7 @@ import skimage.data
 from matplotlib.path import Path as PolygonPath
 
 from moescope.landmarks import ALIGNED_FIVE_POINTS, detect_landmarks, five_points, load_image, template_landmarks
-from moescope.regions import REGIONS, _topology, hard_labels, pool_to_grid, region_labels, region_masks
+from moescope.regions import REGIONS, _outlines, hard_labels, pool_to_grid, region_labels, region_masks
 
 EYES, NOSE, MOUTH, FOREHEAD, CHEEKS, CHIN, BACKGROUND = range(len(REGIONS))
 
@@ -101,7 +101,7 @@ def test_face_is_the_oval_polygon(face_masks):
     height, width = masks.shape[1:]
     rows, cols = np.mgrid[0:height, 0:width]
     centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
-    inside = PolygonPath(points[_topology()["oval"][0]]).contains_points(centres).reshape(height, width)
+    inside = PolygonPath(points[_outlines().oval]).contains_points(centres).reshape(height, width)
     face = ~masks[BACKGROUND]
     assert (face != inside).sum() <= 0.03 * inside.sum()  # boundary pixels only
 
@@ -113,7 +113,7 @@ def test_detected_keypoints_fall_in_their_regions(faces):
         pixel = lambda point: labels[int(point[1]), int(point[0])]  # noqa: E731
         assert pixel(right_eye) == pixel(left_eye) == EYES
         assert pixel(nose_tip) == NOSE
-        mouth_centre = points[_topology()["mouth"][0]].mean(axis=0)
+        mouth_centre = points[_outlines().mouth].mean(axis=0)
         assert pixel(mouth_centre) == MOUTH
 
 
@@ -186,3 +186,23 @@ def test_hard_labels_is_the_cell_majority():
     chosen = np.take_along_axis(fractions, labels[None], axis=0)[0]
     assert (chosen >= fractions.max(axis=0)).all()
     assert set(np.unique(labels)) == set(range(len(REGIONS)))
+
+
+# ------------------------------------------------------------------------------------------- synthetic faces
+
+
+def test_token_labels_agree_with_synthetic_ground_truth():
+    """Faces rendered by the synthetic generator come with their own region masks: the majority
+    labels on the model's 20x20 grid from detected landmarks must match >= 90% of the tokens."""
+    from facemoe_model.data.synthetic import REGION_NAMES, render_face
+
+    assert tuple(REGION_NAMES) == REGIONS
+    samples = [render_face(0, identity, sample, size=120) for identity in range(12) for sample in range(2)]
+    found = detect_landmarks([sample.image for sample in samples], use_cache=False, progress=False)
+    agreement = [
+        (hard_labels(pool_to_grid(sample.masks, (20, 20))) == hard_labels(pool_to_grid(region_masks(points, 120, 120), (20, 20)))).mean()
+        for sample, points in zip(samples, found)
+        if points is not None
+    ]
+    assert len(agreement) >= 22  # measured 23 of 24 (199 of 200 over 20 identities x 10 samples)
+    assert np.mean(agreement) >= 0.90  # measured 0.93 here, 0.927 over 200 faces

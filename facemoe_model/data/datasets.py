@@ -201,8 +201,8 @@ def gallery_probe_split(root: str | os.PathLike, size: int = INPUT_SIZE, transfo
     def candidates(folders: list[Path]) -> list[tuple[Path, int]]:
         return [(path, label_of[folder.name]) for folder in folders for path in _visible_files(folder)]
 
-    distractors = root / "distractors"
-    gallery_candidates = candidates(gallery_folders) + ([(p, -1) for p in _visible_files(distractors)] if distractors.is_dir() else [])
+    distractors = [(path, -1) for path in _visible_files(root / "distractors")]  # none when the folder is absent
+    gallery_candidates = candidates(gallery_folders) + distractors
     split = GalleryProbe(
         gallery=LabelledImages(gallery_candidates, classes, root / "gallery", size, transform),
         probe=LabelledImages(candidates(probe_folders), classes, root / "probe", size, transform),

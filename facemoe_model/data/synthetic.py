@@ -30,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from moescope.errors import DataError, MoescopeError
+from moescope.landmarks import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
+from moescope.regions import JAW_BAND, PRECEDENCE, REGIONS
 from moescope.results import atomic_path, atomic_write
 
 from .transforms import GaussianNoise, gaussian_blur
@@ -45,7 +47,6 @@ __all__ = [
     "FaceNuisance",
     "FaceSample",
     "SyntheticGroundTruth",
-    "arcface_template",
     "sample_identity",
     "sample_nuisance",
     "render_face",
@@ -54,20 +55,15 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 1
-REGION_NAMES = ("eyes", "nose", "mouth", "forehead", "cheeks", "chin_jawline", "hair_background")
+REGION_NAMES = REGIONS
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose_tip", "mouth_left", "mouth_right")
 """Image-left first, as in the ArcFace template: ``left_eye`` is the eye on the image's left."""
 HAIR_STYLES = ("short", "medium", "long", "bangs", "curly", "buzz", "bald")
 FACIAL_HAIR = ("none", "stubble", "moustache", "beard")
 OCCLUSIONS = ("glasses", "sunglasses", "mask", "hat", "hand")
 
-_ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
 _SUPERSAMPLE = 2
-_CHIN_BAND = 0.12  # width of the jawline band along the lower face oval, face units
-_FOREHEAD_TOP = 0.72  # height of the face oval above the eye line (as mediapipe's oval), face units
+_FOREHEAD_TOP = 0.78  # height of the face oval above the eye line (as mediapipe's oval), face units
 
 # sRGB palettes, light to dark / by kind
 _SKIN = np.array([(250, 222, 200), (238, 198, 168), (222, 176, 140), (196, 142, 104),
@@ -237,7 +233,8 @@ class FaceSample:
 
     ``image``: RGB uint8 [H, W, 3]; ``masks``: bool [7, H, W] in :data:`REGION_NAMES`
     order, a partition (every pixel in exactly one region); ``landmarks``: float32 [5, 2]
-    (x, y) pixel coordinates (pixel centres at integers) in :data:`LANDMARK_NAMES` order.
+    (x, y) in continuous pixel coordinates (pixel (row, col) covers [col, col + 1) x [row, row + 1),
+    as in :mod:`moescope.landmarks`) in :data:`LANDMARK_NAMES` order.
     """
 
     image: np.ndarray
@@ -245,11 +242,6 @@ class FaceSample:
     landmarks: np.ndarray
     identity: int
     sample: int
-
-
-def arcface_template(size: int = 112) -> np.ndarray:
-    """The standard ArcFace 5-point template (float64 [5, 2], x/y) scaled to ``size`` pixels."""
-    return _ARCFACE_TEMPLATE_112 * (size / 112.0)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -408,10 +400,10 @@ def _face_geometry(f: FaceIdentity, n: FaceNuisance) -> _Geometry:
     order = np.argsort(half[:, 1])
     hw_y, hw_x = half[order, 1], half[order, 0]
 
-    # face oval: the contour below the eye line, an elliptical arc above (as mediapipe's)
+    # face oval: the contour below the eye line, a super-elliptical arc above (as mediapipe's)
     lower = half[half[:, 1] >= 0]
     theta = np.linspace(0, np.pi / 2, 12)[:-1]
-    arc = np.stack([fw * np.cos(theta), -_FOREHEAD_TOP * np.sin(theta)], axis=1)
+    arc = np.stack([fw * np.cos(theta) ** (2 / 2.6), -_FOREHEAD_TOP * np.sin(theta) ** (2 / 2.6)], axis=1)
     oval = _mirror(np.vstack([arc[::-1], lower]))
 
     eyes, brows, centres, brow_tops = [], [], [], []
@@ -442,8 +434,8 @@ def _face_geometry(f: FaceIdentity, n: FaceNuisance) -> _Geometry:
     tip = f.nose_length
     nw, nb = f.nose_width, f.nose_bridge
     nose = np.array([
-        (-nb, 0.0), (nb, 0.0), (nb * 1.3, tip - 0.3), (nw + 0.04, tip - 0.06), (nw + 0.02, tip + 0.06),
-        (0.0, tip + 0.1), (-nw - 0.02, tip + 0.06), (-nw - 0.04, tip - 0.06), (-nb * 1.3, tip - 0.3),
+        (-nb, 0.0), (nb, 0.0), (nw + 0.06, tip + 0.02), (nw * 0.7, tip + 0.13), (0.0, tip + 0.15),
+        (-nw * 0.7, tip + 0.13), (-nw - 0.06, tip + 0.02),
     ])
 
     mw = f.mouth_width * (1 + 0.15 * n.smile)
@@ -860,25 +852,29 @@ def _paint_face(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> N
 
 
 def _region_labels(c: _Canvas, f: FaceIdentity, g: _Geometry) -> np.ndarray:
-    """Region index (into :data:`REGION_NAMES`) of every canvas pixel."""
-    labels = np.full(c.shape, REGION_NAMES.index("hair_background"), np.uint8)
-    oval = np.zeros(c.shape, np.uint8)
-    c.fill_labels(oval, g.oval, 1)
-    inside = oval.astype(bool)
+    """Region index (into :data:`REGION_NAMES`) of every canvas pixel, with the definitions and
+    precedence of :mod:`moescope.regions` applied to the true outlines."""
+
+    def fill(polygons: list[np.ndarray]) -> np.ndarray:
+        mask = np.zeros(c.shape, np.uint8)
+        for polygon in polygons:
+            c.fill_labels(mask, polygon, 1)
+        return mask
+
+    oval = fill([g.oval])
     y = c.ys[:, None]
-    above_brows = y < np.interp(c.xs, *g.brow_top)[None, :]
-    below_mouth = y > g.mouth_corners[:, 1].mean()
-    band = cv2.distanceTransform(oval, cv2.DIST_L2, 3) < _CHIN_BAND * c.scale
-    jaw = band & (y > f.nose_length)
-    labels[inside] = REGION_NAMES.index("cheeks")
-    labels[inside & above_brows] = REGION_NAMES.index("forehead")
-    labels[inside & (below_mouth | jaw)] = REGION_NAMES.index("chin_jawline")
-    c.fill_labels(labels, g.nose, REGION_NAMES.index("nose"))
-    c.fill_labels(labels, g.lips_outer, REGION_NAMES.index("mouth"))
-    for eye, brow in zip(g.eyes, g.brows):
-        hull = cv2.convexHull(np.vstack([eye, brow]).astype(np.float32))[:, 0]
-        grown = hull.mean(0) + (hull - hull.mean(0)) * 1.08
-        c.fill_labels(labels, grown, REGION_NAMES.index("eyes"))
+    jaw_band = (cv2.distanceTransform(oval, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= JAW_BAND * c.scale) & (y > f.nose_length)
+    claims = {
+        "hair_background": oval == 0,
+        "eyes": fill([cv2.convexHull(np.vstack([eye, brow]).astype(np.float32))[:, 0] for eye, brow in zip(g.eyes, g.brows)]) > 0,
+        "nose": fill([g.nose]) > 0,
+        "mouth": fill([g.lips_outer]) > 0,
+        "chin_jawline": (y > g.mouth_corners[:, 1].mean()) | jaw_band,
+        "forehead": y < np.interp(c.xs, *g.brow_top)[None, :],
+    }
+    labels = np.full(c.shape, REGION_NAMES.index("cheeks"), np.uint8)
+    for name in reversed(PRECEDENCE[:-1]):
+        labels[claims[name]] = REGION_NAMES.index(name)
     return labels
 
 
@@ -927,24 +923,10 @@ def _rotation(yaw: float, pitch: float) -> np.ndarray:
     return rx @ ry
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (Umeyama) mapping ``src`` points onto ``dst``, as a 3x3 matrix."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s0, d0 = src - mu_s, dst - mu_d
-    u, sv, vt = np.linalg.svd(d0.T @ s0 / len(src))
-    d = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
-    rot = u @ d @ vt
-    scale = np.trace(np.diag(sv) @ d) / s0.var(0).sum()
-    m = np.eye(3)
-    m[:2, :2] = scale * rot
-    m[:2, 2] = mu_d - scale * rot @ mu_s
-    return m
-
-
 def _jitter(n: FaceNuisance, size: float) -> np.ndarray:
     """Residual misalignment: roll and scale about the image centre, then a shift."""
     a, s = np.radians(n.roll), n.scale
-    centre = np.array([(size - 1) / 2, (size - 1) / 2])
+    centre = np.array([size / 2, size / 2])
     m = np.eye(3)
     m[:2, :2] = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     m[:2, 2] = centre - m[:2, :2] @ centre + np.array(n.shift) * size
@@ -957,7 +939,7 @@ def _pose(f: FaceIdentity, n: FaceNuisance, g: _Geometry, size: int):
     The head turns (yaw, pitch) as the depth surface of :func:`_head_depth` seen
     orthographically; the posed 5 landmarks are aligned to the ArcFace template, then the
     residual jitter applies. Returns (face x, face y) per output pixel, the rotation and the
-    landmarks in output pixels.
+    landmarks in continuous coordinates of the supersampled output (pixel centres at +0.5).
     """
     rotation = _rotation(n.yaw, n.pitch)
     a, r = rotation[:2, :2], rotation[:2, 2]
@@ -968,9 +950,11 @@ def _pose(f: FaceIdentity, n: FaceNuisance, g: _Geometry, size: int):
 
     posed = g.landmarks @ a.T + depth(g.landmarks) * r
     out = size * _SUPERSAMPLE
-    template = arcface_template(size) * _SUPERSAMPLE + (_SUPERSAMPLE - 1) / 2
-    to_output = _jitter(n, out) @ _similarity(posed, template)
-    ij = np.stack(np.meshgrid(np.arange(out, dtype=np.float64), np.arange(out, dtype=np.float64)), -1)
+    template = ALIGNED_FIVE_POINTS * (out / ALIGNED_SIZE)
+    alignment, _ = cv2.estimateAffinePartial2D(posed.astype(np.float32), template.astype(np.float32), method=cv2.LMEDS)
+    to_output = _jitter(n, out) @ np.vstack([alignment, (0.0, 0.0, 1.0)])
+    centres = np.arange(out, dtype=np.float64) + 0.5  # continuous coordinates of the pixel centres
+    ij = np.stack(np.meshgrid(centres, centres), -1)
     q = (ij - to_output[:2, 2]) @ np.linalg.inv(to_output[:2, :2]).T
     p = q @ a_inv.T
     for _ in range(4):  # fixed point of p = A^-1 (q - r z(p))
@@ -1012,7 +996,7 @@ def render_face(seed: int, identity: int, sample: int, size: int = 120, config: 
     g = _face_geometry(f, n)
     face_xy, rotation, landmarks = _pose(f, n, g, size)
 
-    scale = _SUPERSAMPLE * size * (_ARCFACE_TEMPLATE_112[1, 0] - _ARCFACE_TEMPLATE_112[0, 0]) / 112
+    scale = _SUPERSAMPLE * size * (ALIGNED_FIVE_POINTS[1, 0] - ALIGNED_FIVE_POINTS[0, 0]) / ALIGNED_SIZE
     low = np.maximum(face_xy.reshape(-1, 2).min(0), (-3.0, -3.0)) - 2 / scale
     high = np.minimum(face_xy.reshape(-1, 2).max(0), (3.0, 4.5)) + 2 / scale
     shape = tuple(np.maximum(np.ceil((high - low) * scale).astype(int)[::-1] + 1, 1))
@@ -1049,5 +1033,162 @@ def render_face(seed: int, identity: int, sample: int, size: int = 120, config: 
     if n.noise_std > 0:
         out = GaussianNoise(n.noise_std, rng)(out)
     masks = region[None] == np.arange(len(REGION_NAMES))[:, None, None]
-    landmarks = ((landmarks - (_SUPERSAMPLE - 1) / 2) / _SUPERSAMPLE).astype(np.float32)
+    landmarks = (landmarks / _SUPERSAMPLE).astype(np.float32)
     return FaceSample(image=out, masks=masks, landmarks=landmarks, identity=identity, sample=sample)
+
+
+# --------------------------------------------------------------------------- on-disk data set
+
+_MANIFEST = "manifest.json"
+_GROUND_TRUTH = "ground_truth.npz"
+_IN_PROGRESS = ".synthetic-in-progress"
+_IDENTITY_DIR = re.compile(r"\d{5}")
+
+
+@dataclass(frozen=True)
+class SyntheticGroundTruth:
+    """Ground truth of a generated data set, one row per image (identity-major order).
+
+    ``masks``: bool [N, 7, H, W]; ``landmarks``: float32 [N, 5, 2]; ``identities`` /
+    ``samples``: int [N]; ``paths``: the image files.
+    """
+
+    masks: np.ndarray
+    landmarks: np.ndarray
+    identities: np.ndarray
+    samples: np.ndarray
+    paths: list[Path]
+
+
+def _cache_key(n_identities: int, samples_per_identity: int, seed: int, size: int, config: SyntheticConfig,
+               identity_offset: int) -> str:
+    payload = dict(version=GENERATOR_VERSION, n_identities=n_identities, samples_per_identity=samples_per_identity,
+                   seed=seed, size=size, identity_offset=identity_offset, config=asdict(config))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((out / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "key" in manifest else None
+
+
+def _render_identity(task: tuple[Path, int, int, int, int, SyntheticConfig]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Render and save every sample of one identity; returns its packed masks and landmarks."""
+    out, seed, identity, samples, size, config = task
+    packed, landmarks = [], []
+    for sample in range(samples):
+        face = render_face(seed, identity, sample, size, config)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(face.image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise DataError(f"PNG encoding failed for identity {identity} sample {sample}")
+        atomic_write(out / f"{identity:05d}" / f"{sample:03d}.png", png.tobytes())
+        packed.append(np.packbits(face.masks.reshape(-1)))
+        landmarks.append(face.landmarks)
+    return identity, np.stack(packed), np.stack(landmarks)
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove a previous generation's files; refuse folders that hold something else."""
+    manifest = _read_manifest(out)
+    ours = manifest is not None or (out / _IN_PROGRESS).exists()
+    if not ours and out.exists() and any(out.iterdir()):
+        raise MoescopeError(f"{out} is not empty and holds no synthetic data set; choose an empty or new folder")
+    for child in out.iterdir() if out.exists() else ():
+        if child.is_dir() and _IDENTITY_DIR.fullmatch(child.name):
+            shutil.rmtree(child)
+    for name in (_MANIFEST, _GROUND_TRUTH):
+        (out / name).unlink(missing_ok=True)
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n_identities: int,
+    samples_per_identity: int,
+    seed: int = 0,
+    size: int = 120,
+    config: SyntheticConfig | None = None,
+    workers: int | None = None,
+    identity_offset: int = 0,
+) -> Path:
+    """Render a data set once into an on-disk cache and return its folder.
+
+    Layout: ``out_dir/<identity:05d>/<sample:03d>.png`` (one folder per identity,
+    identities ``identity_offset .. identity_offset + n_identities - 1``),
+    ``ground_truth.npz`` (bit-packed region masks, landmarks, identity and sample per image;
+    read it with :func:`load_ground_truth`) and ``manifest.json`` (arguments, config,
+    counts), written last and atomically. A call whose arguments hash to the manifest's key
+    returns at once; an incomplete or different folder is regenerated. ``workers``
+    processes render in parallel (default: all CPUs; <= 1 renders in this process).
+    """
+    config = config or SyntheticConfig()
+    if n_identities < 1 or not 1 <= samples_per_identity <= 1000 or size < 32 or identity_offset < 0:
+        raise MoescopeError(
+            f"invalid data set size: n_identities={n_identities}, samples_per_identity={samples_per_identity} "
+            f"(1..1000), size={size} (>= 32), identity_offset={identity_offset} (>= 0)"
+        )
+    out = Path(out_dir)
+    key = _cache_key(n_identities, samples_per_identity, seed, size, config, identity_offset)
+    manifest = _read_manifest(out)
+    if manifest is not None and manifest["key"] == key and (out / _GROUND_TRUTH).exists():
+        return out
+    _clear_stale(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / _IN_PROGRESS, key + "\n")
+
+    identities = range(identity_offset, identity_offset + n_identities)
+    tasks = [(out, seed, identity, samples_per_identity, size, config) for identity in identities]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    progress = tqdm(total=n_identities * samples_per_identity, unit="img", desc=f"synthetic faces -> {out}")
+    with progress:
+        if workers <= 1:
+            stream = map(_render_identity, tasks)
+            for identity, packed, landmarks in stream:
+                results[identity] = packed, landmarks
+                progress.update(samples_per_identity)
+        else:
+            with Pool(min(workers, n_identities), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+                for identity, packed, landmarks in pool.imap_unordered(_render_identity, tasks):
+                    results[identity] = packed, landmarks
+                    progress.update(samples_per_identity)
+
+    def save(path: Path) -> None:
+        np.savez_compressed(
+            path,
+            masks=np.concatenate([results[i][0] for i in identities]),
+            mask_shape=np.array([len(REGION_NAMES), size, size]),
+            landmarks=np.concatenate([results[i][1] for i in identities]),
+            identities=np.repeat(np.array(identities), samples_per_identity),
+            samples=np.tile(np.arange(samples_per_identity), n_identities),
+            region_names=np.array(REGION_NAMES),
+            landmark_names=np.array(LANDMARK_NAMES),
+        )
+
+    atomic_path(out / _GROUND_TRUTH, save)
+    manifest = dict(
+        key=key, generator_version=GENERATOR_VERSION, seed=seed, size=size, n_identities=n_identities,
+        samples_per_identity=samples_per_identity, identity_offset=identity_offset,
+        n_images=n_identities * samples_per_identity, layout="<identity:05d>/<sample:03d>.png",
+        region_names=list(REGION_NAMES), landmark_names=list(LANDMARK_NAMES), config=asdict(config),
+    )
+    atomic_write(out / _MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    (out / _IN_PROGRESS).unlink()
+    return out
+
+
+def load_ground_truth(out_dir: str | os.PathLike) -> SyntheticGroundTruth:
+    """Read the ground truth of a data set written by :func:`generate_dataset`."""
+    out = Path(out_dir)
+    if _read_manifest(out) is None or not (out / _GROUND_TRUTH).exists():
+        raise DataError(f"{out} holds no complete synthetic data set (manifest.json or ground_truth.npz missing)")
+    with np.load(out / _GROUND_TRUTH) as data:
+        shape = tuple(int(v) for v in data["mask_shape"])
+        count = int(np.prod(shape))
+        masks = np.unpackbits(data["masks"], axis=1, count=count).astype(bool).reshape(-1, *shape)
+        identities, samples = data["identities"], data["samples"]
+        paths = [out / f"{i:05d}" / f"{s:03d}.png" for i, s in zip(identities, samples)]
+        return SyntheticGroundTruth(masks=masks, landmarks=data["landmarks"], identities=identities, samples=samples,
+                                    paths=paths)

@@ -1,0 +1,219 @@
+"""Running a model over an evaluation protocol: gallery/probe identification and verification pairs.
+
+One function per protocol returns that protocol's headline numbers (see
+:mod:`facemoe_model.evaluate`); ``moescope eval``, the validation of ``moescope train`` and the
+baseline row of ``moescope ablate`` all call them, so one checkpoint on one data set gives the
+same figures everywhere.
+
+``probe_transform`` degrades the probe side only (an RGB ``uint8`` -> RGB ``uint8`` callable
+such as ``transforms.DownUp(16)``): the probes of an identification split and the second image
+of every verification pair. The gallery (first image of a pair) stays as it is, as in
+low-resolution face recognition where a high-resolution enrolment meets a low-resolution probe.
+
+An evaluation folder (:func:`load_protocols`) is a gallery/probe split
+(``gallery/<id>/``, ``probe/<id>/``, optional ``distractors/``) that may also hold a
+verification list ``pairs.txt`` (``path1 path2 label`` relative to the folder);
+:func:`write_split` builds one from an identity folder.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from moescope.errors import DataError
+from moescope.results import atomic_path, atomic_write
+
+from .data.datasets import INPUT_SIZE, GalleryProbe, LabelledImages, VerificationPairs, gallery_probe_split
+from .data.transforms import DownUp
+from .evaluate import embed_dataset, identification_metrics, verification_metrics
+
+__all__ = [
+    "PAIRS_FILE",
+    "Degradation",
+    "EvaluationData",
+    "degraded",
+    "evaluate_identification",
+    "evaluate_verification",
+    "evaluate",
+    "load_protocols",
+    "lowres_probes",
+    "write_split",
+]
+
+PAIRS_FILE = "pairs.txt"
+"""Name of the optional verification list inside an evaluation folder."""
+
+Degradation = Callable[[np.ndarray], np.ndarray]
+
+
+def lowres_probes(size: int) -> DownUp:
+    """The low-resolution probe degradation of ``--lowres S``: area-down to ``S x S``, bicubic back up."""
+    return DownUp(size, interpolation="bicubic")
+
+
+def degraded(dataset: LabelledImages, degrade: Degradation) -> LabelledImages:
+    """A shallow copy of ``dataset`` whose decoded images pass through ``degrade`` before its own transform."""
+    copied = copy.copy(dataset)
+    base = dataset.transform
+    copied.transform = lambda image: base(degrade(image))
+    return copied
+
+
+def evaluate_identification(
+    model: nn.Module,
+    split: GalleryProbe,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    probe_transform: Degradation | None = None,
+    device=None,
+) -> dict[str, float]:
+    """Closed-set identification of ``split``: probe/gallery/distractor counts and Rank-1/5/10/20."""
+    gallery = embed_dataset(model, split.gallery, batch_size, flip, device)
+    probe_set = split.probe if probe_transform is None else degraded(split.probe, probe_transform)
+    probes = embed_dataset(model, probe_set, batch_size, flip, device)
+    return identification_metrics(probes, split.probe.labels, gallery, split.gallery.labels)
+
+
+def evaluate_verification(
+    model: nn.Module,
+    pairs: VerificationPairs,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    probe_transform: Degradation | None = None,
+    device=None,
+) -> dict[str, float]:
+    """Verification of ``pairs``: pair count, 10-fold accuracy (+- std, threshold) and TAR@FAR.
+
+    With ``probe_transform`` the second image of each pair is degraded: every image is embedded
+    clean and degraded, and pairs compare clean first images with degraded second images.
+    """
+    clean = embed_dataset(model, pairs, batch_size, flip, device)
+    if probe_transform is None:
+        return verification_metrics(clean, pairs.pairs, pairs.issame, pairs.folds)
+    probes = embed_dataset(model, degraded(pairs, probe_transform), batch_size, flip, device)
+    mixed_pairs = np.stack([pairs.pairs[:, 0], pairs.pairs[:, 1] + len(clean)], axis=1)
+    return verification_metrics(np.concatenate([clean, probes]), mixed_pairs, pairs.issame, pairs.folds)
+
+
+@dataclass
+class EvaluationData:
+    """The protocols of one evaluation source: an identification split and/or verification pairs."""
+
+    source: str
+    split: GalleryProbe | None = None
+    pairs: VerificationPairs | None = None
+
+    @property
+    def images(self) -> int:
+        """Distinct image entries evaluated (gallery + probes + pair images)."""
+        split = len(self.split.gallery) + len(self.split.probe) if self.split is not None else 0
+        return split + (len(self.pairs) if self.pairs is not None else 0)
+
+
+def load_protocols(
+    split: str | os.PathLike | None = None,
+    pairs: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    bin_file: str | os.PathLike | None = None,
+    size: int = INPUT_SIZE,
+) -> EvaluationData:
+    """Load exactly one evaluation source.
+
+    Args:
+        split: a gallery/probe folder; its ``pairs.txt``, when present, adds verification.
+        pairs: a pairs list (LFW ``pairs.txt`` or ``path1 path2 label``), paths under ``root``.
+        root: image root of ``pairs`` (default: the pairs file's folder).
+        bin_file: an insightface verification ``.bin``.
+        size: model input side.
+    """
+    given = [name for name, value in (("split", split), ("pairs", pairs), ("bin", bin_file)) if value is not None]
+    if len(given) != 1:
+        raise DataError(f"give exactly one evaluation source (split folder, pairs list or .bin), got {len(given)}: {', '.join(given) or 'none'}")
+    if split is not None:
+        folder = Path(split)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: evaluation split folder not found")
+        pairs_file = folder / PAIRS_FILE
+        return EvaluationData(
+            source=str(folder),
+            split=gallery_probe_split(folder, size),
+            pairs=VerificationPairs.from_pairs_file(pairs_file, folder, size) if pairs_file.is_file() else None,
+        )
+    if pairs is not None:
+        if not Path(pairs).is_file():
+            raise DataError(f"{pairs}: pairs list not found")
+        return EvaluationData(source=str(pairs), pairs=VerificationPairs.from_pairs_file(pairs, root, size))
+    if not Path(bin_file).is_file():
+        raise DataError(f"{bin_file}: verification .bin not found")
+    return EvaluationData(source=str(bin_file), pairs=VerificationPairs.from_bin(bin_file, size))
+
+
+def evaluate(
+    model: nn.Module,
+    data: EvaluationData,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    probe_transform: Degradation | None = None,
+    device=None,
+) -> dict[str, dict[str, float]]:
+    """Every protocol ``data`` holds: ``{"identification": {...}, "verification": {...}}``."""
+    options = dict(batch_size=batch_size, flip=flip, probe_transform=probe_transform, device=device)
+    results = {}
+    if data.split is not None:
+        results["identification"] = evaluate_identification(model, data.split, **options)
+    if data.pairs is not None:
+        results["verification"] = evaluate_verification(model, data.pairs, **options)
+    return results
+
+
+def write_split(
+    identity_folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    gallery_per_identity: int = 1,
+    impostor_pairs: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Turn an identity folder (``<id>/<image>``) into an evaluation folder with verification pairs.
+
+    The first ``gallery_per_identity`` images of each identity (sorted names) go to
+    ``gallery/<id>/``, the rest to ``probe/<id>/``. ``pairs.txt`` lists every genuine pair of
+    an identity's images, gallery images first, and as many impostor pairs (default) drawn with
+    ``seed`` between different identities; pairs are shuffled so the 10 consecutive folds mix
+    both kinds. Identities with fewer than ``gallery_per_identity + 1`` images are refused.
+    """
+    source, out = Path(identity_folder), Path(out_dir)
+    identities = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")) if source.is_dir() else []
+    if len(identities) < 2:
+        raise DataError(f"{source}: need at least 2 identity folders to build a split, found {len(identities)}")
+    rng = np.random.default_rng(seed)
+    images: dict[str, list[str]] = {}
+    for folder in identities:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if len(files) <= gallery_per_identity:
+            raise DataError(f"{folder}: {len(files)} images, need more than {gallery_per_identity} for gallery + probe")
+        images[folder.name] = []
+        for position, file in enumerate(files):
+            side = "gallery" if position < gallery_per_identity else "probe"
+            atomic_path(out / side / folder.name / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+            images[folder.name].append(f"{side}/{folder.name}/{file.name}")
+    genuine = [(a, b, 1) for paths in images.values() for i, a in enumerate(paths) for b in paths[i + 1 :]]
+    names = list(images)
+    impostors = []
+    for _ in range(len(genuine) if impostor_pairs is None else impostor_pairs):
+        first, second = rng.choice(len(names), size=2, replace=False)
+        impostors.append((rng.choice(images[names[first]]), rng.choice(images[names[second]]), 0))
+    pairs = genuine + impostors
+    lines = [f"{a} {b} {label}" for a, b, label in (pairs[i] for i in rng.permutation(len(pairs)))]
+    atomic_write(out / PAIRS_FILE, "\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,454 @@
+"""Training FaceMoE: a margin loss on the embeddings plus the MoE auxiliary loss.
+
+The authors' recipe (test-vectors README, point 6): CosFace (s=64, m=0.4; ArcFace or AdaFace
+on request) + ``aux_weight`` x the auxiliary loss summed over MoE layers (lambda = 10), AdamW
+with linear warm-up then polynomial decay, gradient clipping at 5, mixed precision (fp16
+autocast + GradScaler) when training on CUDA. ``init`` starts from a checkpoint with a fresh
+classifier: high-resolution pre-training followed by low-resolution fine-tuning
+(``TrainConfig.lowres`` degrades every training image with ``RandomLowResolution``).
+
+A run folder holds
+
+* ``last.pt`` — the full training state after the last finished epoch (model, margin head,
+  optimizer, scheduler, grad scaler, step, log): what ``resume`` continues from;
+* ``log.csv`` — one row per epoch: learning rate, face / auxiliary loss, the share of routed
+  token slots per expert of every MoE layer (observed through each layer's ``hook_routing``)
+  and the validation figures; rewritten atomically after every epoch;
+* ``model.pt`` — the final model; its metadata records the command line, seed, data, training
+  time and final validation figures.
+
+Data parallel: under ``torchrun`` every process trains on its ``DistributedSampler`` shard
+inside ``DistributedDataParallel`` (``find_unused_parameters=True``, since an expert may get
+no token in a step); only rank 0 writes files.
+
+Determinism: every random choice is a function of the seed, the epoch and the rank or image
+index — the sampler order, per-image augmentations and the torch generator (dropout), which is
+reseeded at every epoch — so resuming from ``last.pt`` reproduces an uninterrupted run exactly
+(same machine, one process).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from moescope.errors import CheckpointError, MoescopeError
+from moescope.results import atomic_write
+
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .data.datasets import LabelledImages, preprocess
+from .data.transforms import RandomLowResolution
+from .distributed import DistributedContext, all_reduce_sum, broadcast_buffers, state_digest
+from .margin_heads import margin_head
+from .models import create_model
+from .moe import moe_layers, total_aux_loss
+from .protocols import EvaluationData, evaluate, load_protocols, lowres_probes
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainImages",
+    "WarmupPolyDecay",
+    "ExpertLoadMeter",
+    "train",
+    "LAST_CHECKPOINT",
+    "FINAL_CHECKPOINT",
+    "LOG_FILE",
+]
+
+LAST_CHECKPOINT = "last.pt"
+FINAL_CHECKPOINT = "model.pt"
+LOG_FILE = "log.csv"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the optimisation (a resumed run must use the same values).
+
+    Attributes:
+        model / model_args: ``create_model(model, **model_args)`` (ignored with ``init``: the
+            checkpoint's architecture is used).
+        head: margin head, ``cosface`` (default), ``arcface`` or ``adaface``.
+        epochs / batch_size: passes over the data; images per step and process.
+        lr / weight_decay: AdamW peak learning rate and weight decay (not on biases and norms).
+        warmup_epochs / poly_power: linear warm-up length, then ``(1 - progress) ** poly_power``.
+        aux_weight: lambda of the auxiliary loss (official 10).
+        clip_grad: maximum gradient norm (0 disables clipping).
+        lowres: ``(min, max)`` side of ``RandomLowResolution`` applied to every training
+            image, or None for the images as they are.
+        hflip: mirror each training image with probability 1/2.
+        seed: the seed of every random choice.
+    """
+
+    model: str = "facemoe_swin_tiny"
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    head: str = "cosface"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    poly_power: float = 2.0
+    aux_weight: float = 10.0
+    clip_grad: float = 5.0
+    lowres: tuple[int, int] | None = None
+    hflip: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (stored in checkpoints read with ``weights_only=True``)."""
+        values = dataclasses.asdict(self)
+        values["model_args"] = dict(self.model_args)
+        values["lowres"] = list(self.lowres) if self.lowres else None
+        return values
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (rank 0; other ranks get the log and digests only)."""
+
+    run_dir: Path
+    checkpoint: Path
+    log: pd.DataFrame
+    metadata: dict[str, Any]
+
+
+class TrainImages(Dataset):
+    """Training ``(image_tensor, label)`` pairs with per-image random augmentation.
+
+    ``images`` must yield decoded RGB ``uint8`` arrays (build it with ``transform=np.asarray``).
+    The augmentation of image ``i`` in epoch ``e`` draws from ``default_rng((seed, e, i))``,
+    so it does not depend on worker processes or on where a run was resumed.
+    """
+
+    def __init__(self, images: LabelledImages, seed: int, size: int, lowres: tuple[int, int] | None, hflip: bool) -> None:
+        self.images = images
+        self.seed, self.size, self.lowres, self.hflip = seed, size, lowres, hflip
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.images[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        if self.hflip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+        if self.lowres is not None:
+            image = RandomLowResolution(self.lowres, rng=rng)(image)
+        return preprocess(image, self.size), label
+
+
+class WarmupPolyDecay:
+    """Learning-rate factor: linear warm-up over ``warmup_steps``, then ``(1 - progress) ** power``."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, power: float) -> None:
+        self.warmup_steps, self.total_steps, self.power = warmup_steps, total_steps, power
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return max(0.0, 1.0 - progress) ** self.power
+
+
+class ExpertLoadMeter:
+    """Routed token slots per expert of every MoE layer during training forward passes.
+
+    Observes each layer's ``hook_routing`` (the ``RouterOutput`` the layer computed) and counts
+    ``topk_indices``; forward passes in eval mode (validation) are not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise MoescopeError("the model has no MoE layers to train")
+        self.counts = {name: torch.zeros(layer.num_experts, dtype=torch.int64) for name, layer in self.layers.items()}
+        self._handles = [layer.hook_routing.register_forward_hook(self._observer(name)) for name, layer in self.layers.items()]
+
+    def _observer(self, name: str) -> Callable:
+        def observe(module: nn.Module, inputs: tuple, routing) -> None:
+            if module.training:
+                indices = routing.topk_indices.reshape(-1)
+                self.counts[name] = self.counts[name].to(indices.device) + torch.bincount(indices, minlength=len(self.counts[name]))
+
+        return observe
+
+    def reset(self) -> None:
+        self.counts = {name: torch.zeros_like(c) for name, c in self.counts.items()}
+
+    def shares(self, context: DistributedContext) -> dict[str, float]:
+        """``{"load_<layer>_e<k>": share}`` summed over processes; each layer's shares sum to 1."""
+        row = {}
+        for name, counts in self.counts.items():
+            total = all_reduce_sum(counts.to(context.device).clone(), context).double()
+            shares = (total / total.sum().clamp_min(1)).tolist()
+            row.update({f"load_{name}_e{expert}": share for expert, share in enumerate(shares)})
+        return row
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _Objective(nn.Module):
+    """Backbone + margin head; returns (face loss, auxiliary loss) so DDP sees every used parameter."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.backbone(images)
+        face = F.cross_entropy(self.head(embeddings, labels), labels)
+        return face, total_aux_loss(self.backbone)
+
+
+def _embedding_dim(model: nn.Module) -> int:
+    return model.feature_layer[-1].num_features
+
+
+def _optimizer(objective: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in objective.parameters() if p.ndim >= 2]
+    no_decay = [p for p in objective.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _validate(model: nn.Module, data: EvaluationData, lowres: int | None, batch_size: int) -> dict[str, dict]:
+    """Validation figures: ``{"hr": {...}}`` plus ``{"lr<S>": {...}}`` with low-resolution probes."""
+    figures = {"hr": evaluate(model, data, batch_size=batch_size)}
+    if lowres:
+        figures[f"lr{lowres}"] = evaluate(model, data, batch_size=batch_size, probe_transform=lowres_probes(lowres))
+    return figures
+
+
+def _validation_columns(figures: dict[str, dict]) -> dict[str, float]:
+    columns = {}
+    for setting, protocols in figures.items():
+        if "identification" in protocols:
+            columns[f"val_{setting}_rank1"] = protocols["identification"]["Rank-1"]
+        if "verification" in protocols:
+            columns[f"val_{setting}_accuracy"] = protocols["verification"]["accuracy"]
+    return columns
+
+
+def _round_to_half(model: nn.Module) -> None:
+    """Round floating weights through float16 in place: the model then computes what its half checkpoint loads as."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half())
+
+
+def train(
+    config: TrainConfig,
+    images: LabelledImages,
+    run_dir: str | Path,
+    *,
+    init: str | Path | None = None,
+    resume: bool = False,
+    validation: str | Path | None = None,
+    val_lowres: int | None = None,
+    val_every: int = 1,
+    half: bool = False,
+    workers: int = 0,
+    context: DistributedContext = DistributedContext(),
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune, or resume) a FaceMoE model; see the module docstring.
+
+    Args:
+        config: the optimisation settings.
+        images: training images with identity labels, yielding decoded RGB ``uint8`` arrays.
+        run_dir: the run folder (``last.pt``, ``log.csv``, ``model.pt``).
+        init: start from this checkpoint's weights and architecture (fresh margin head).
+        resume: continue from ``run_dir/last.pt`` (a fresh start when there is none).
+        validation: a held-out evaluation folder (``protocols.load_protocols``) evaluated every
+            ``val_every`` epochs and after the last one.
+        val_lowres: also validate with probes down-sampled to this side (``lowres_probes``).
+        half: store ``model.pt`` in float16; the final figures are measured on those weights.
+        workers: data-loader worker processes.
+        context: this process's place in a ``torchrun`` group (default: one process on CPU).
+        metadata: extra entries for ``model.pt`` (the command line, the data description).
+        progress: show progress bars (rank 0).
+    """
+    run_dir = Path(run_dir)
+    last_path, log_path = run_dir / LAST_CHECKPOINT, run_dir / LOG_FILE
+    torch.manual_seed(config.seed)
+    if init is not None:
+        model = load_checkpoint(init)
+        architecture = dict(model.model_config)
+        config = dataclasses.replace(config, model=architecture.pop("name"), model_args=architecture)
+    state = read_checkpoint(last_path) if resume and last_path.exists() else None
+    if state is None and last_path.exists():
+        raise MoescopeError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another folder")
+    if state is not None:
+        saved = state["train"]["config"]
+        changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+        if changed:
+            raise MoescopeError(f"cannot resume {last_path}: training option(s) {', '.join(changed)} differ from the saved run")
+        model = load_checkpoint(last_path)
+    elif init is None:
+        try:
+            model = create_model(config.model, **config.model_args)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoescopeError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
+    model.train()
+    val_data = load_protocols(split=validation, size=model.img_size) if validation is not None and context.is_main else None
+    head = margin_head(config.head, _embedding_dim(model), len(images.classes))
+    objective = _Objective(model, head).to(context.device)
+    meter = ExpertLoadMeter(model)
+
+    dataset = TrainImages(images, config.seed, model.img_size, config.lowres, config.hflip)
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=context.device.type == "cuda",
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise MoescopeError(
+            f"{len(dataset)} training images are fewer than one batch of {config.batch_size} x {context.world_size} process(es); lower --batch-size"
+        )
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = _optimizer(objective, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupPolyDecay(round(config.warmup_epochs * steps_per_epoch), total_steps, config.poly_power)
+    )
+    use_amp = context.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    rows: list[dict[str, Any]] = []
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if state is not None:
+        head.load_state_dict(state["train"]["head"])
+        optimizer.load_state_dict(state["train"]["optimizer"])
+        scheduler.load_state_dict(state["train"]["scheduler"])
+        scaler.load_state_dict(state["train"]["scaler"])
+        start_epoch, step, elapsed = state["train"]["epoch"], state["train"]["step"], state["train"]["elapsed"]
+        rows = list(state["train"]["log"])
+    trainer = objective
+    if context.enabled:
+        trainer = DistributedDataParallel(
+            objective, device_ids=[context.device.index] if context.device.type == "cuda" else None, find_unused_parameters=True
+        )
+    show = progress and context.is_main
+    started = time.perf_counter() - elapsed
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(int(np.random.SeedSequence((config.seed, epoch, context.rank)).generate_state(1)[0]))
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        meter.reset()
+        objective.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # face, aux, batches
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show, leave=False)
+        for images_batch, labels in bar:
+            images_batch = images_batch.to(context.device, non_blocking=True)
+            labels = labels.to(context.device, non_blocking=True)
+            with torch.autocast(context.device.type, dtype=torch.float16, enabled=use_amp):
+                face, aux = trainer(images_batch, labels)
+                loss = face + config.aux_weight * aux
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            totals += torch.stack([face.detach().double(), aux.detach().double(), torch.ones((), dtype=torch.float64, device=context.device)])
+            if show and step % 10 == 0:
+                bar.set_postfix(face=f"{totals[0].item() / totals[2].item():.3f}", aux=f"{totals[1].item() / totals[2].item():.4f}")
+        all_reduce_sum(totals, context)
+        broadcast_buffers(objective, context)
+        face_loss, aux_loss = (totals[:2] / totals[2]).tolist()
+        row = {
+            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+            "face_loss": face_loss, "aux_loss": aux_loss, "loss": face_loss + config.aux_weight * aux_loss,
+        }
+        row.update(meter.shares(context))
+        if val_data is not None and (epoch + 1) % val_every == 0 and epoch + 1 < config.epochs:
+            row.update(_validation_columns(_validate(model, val_data, val_lowres, config.batch_size)))
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if context.is_main:
+            _save_training_state(last_path, model, head, optimizer, scheduler, scaler, config, epoch + 1, step, row["seconds"], rows)
+            atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
+            if show:
+                tqdm.write(_describe_row(row))
+        context.barrier()
+    meter.remove()
+
+    elapsed = time.perf_counter() - started
+    digests = _gather_digests(objective, context)
+    result_meta = {
+        **dict(metadata or {}),
+        "seed": config.seed,
+        "train_config": config.to_dict(),
+        "init": str(init) if init is not None else None,
+        "epochs": config.epochs,
+        "steps": step,
+        "world_size": context.world_size,
+        "device": str(context.device.type),
+        "training_seconds": round(elapsed, 1),
+        "replica_digests": digests,
+    }
+    final_path = run_dir / FINAL_CHECKPOINT
+    if context.is_main:
+        if half:
+            _round_to_half(model)
+        if val_data is not None:  # measured on the weights as stored (float16 with ``half``)
+            figures = _validate(model, val_data, val_lowres, config.batch_size)
+            result_meta["validation"] = {"data": val_data.source, "lowres": val_lowres, **figures}
+            rows[-1].update(_validation_columns(figures))
+            atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
+        model.eval()
+        save_checkpoint(model, final_path, result_meta, half=half)
+    context.barrier()
+    return TrainResult(run_dir=run_dir, checkpoint=final_path, log=pd.DataFrame(rows), metadata=result_meta)
+
+
+def _save_training_state(path: Path, model, head, optimizer, scheduler, scaler, config: TrainConfig, epoch: int, step: int, elapsed: float, rows) -> None:
+    train_state = {
+        "config": config.to_dict(), "epoch": epoch, "step": step, "elapsed": elapsed, "log": rows,
+        "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+    }
+    save_checkpoint(model, path, {"epoch": epoch, "step": step}, extra={"train": train_state})
+
+
+def _gather_digests(module: nn.Module, context: DistributedContext) -> list[str]:
+    """Every process's :func:`state_digest` of backbone + head (all equal when the replicas agree)."""
+    digest = state_digest(module)
+    if not context.enabled:
+        return [digest]
+    gathered: list[str] = [""] * context.world_size
+    torch.distributed.all_gather_object(gathered, digest)
+    return gathered
+
+
+def _describe_row(row: Mapping[str, Any]) -> str:
+    parts = [f"epoch {row['epoch']}", f"face {row['face_loss']:.3f}", f"aux {row['aux_loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts += [f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_") and v is not None and not math.isnan(v)]
+    return "  ".join(parts) + f"  ({row['seconds']:.0f}s)"
