@@ -12,11 +12,13 @@ mapped back to the original pixels.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import sys
 from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -125,15 +127,32 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 # Detection
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Silence what mediapipe's C++ side (TFLite, absl, glog) prints straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _create_face_mesh() -> Any:
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import mediapipe as mp
 
-    return mp.solutions.face_mesh.FaceMesh(
-        static_image_mode=True,
-        max_num_faces=1,
-        refine_landmarks=DETECTION_SETTINGS["refine_landmarks"],
-        min_detection_confidence=DETECTION_SETTINGS["min_detection_confidence"],
-    )
+    with _native_stderr_silenced():
+        return mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True,
+            max_num_faces=1,
+            refine_landmarks=DETECTION_SETTINGS["refine_landmarks"],
+            min_detection_confidence=DETECTION_SETTINGS["min_detection_confidence"],
+        )
 
 
 def _detect_one(face_mesh: Any, image: np.ndarray) -> np.ndarray | None:
@@ -146,7 +165,8 @@ def _detect_one(face_mesh: Any, image: np.ndarray) -> np.ndarray | None:
     for pad_fraction in DETECTION_SETTINGS["pad_fractions"]:
         pad = round(pad_fraction * max(image.shape[:2]))
         padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        found = face_mesh.process(padded).multi_face_landmarks
+        with _native_stderr_silenced():
+            found = face_mesh.process(padded).multi_face_landmarks
         if found:
             normalised = np.array([(p.x, p.y) for p in found[0].landmark[:NUM_LANDMARKS]])
             padded_hw = np.array([padded.shape[1], padded.shape[0]])

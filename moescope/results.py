@@ -19,6 +19,13 @@ import pandas as pd
 __all__ = ["AnalysisResult", "atomic_write", "atomic_path", "to_jsonable"]
 
 
+def _default_mode() -> int:
+    """Permissions of a plainly created file (0666 less the umask); mkstemp would give 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
     path = Path(path)
@@ -26,6 +33,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
             fh.flush()
@@ -46,6 +54,7 @@ def atomic_path(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
