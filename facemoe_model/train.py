@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,7 +398,7 @@ def train(
             _save_training_state(last_path, model, head, optimizer, scheduler, scaler, config, epoch + 1, step, row["seconds"], rows)
             atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
             if show:
-                tqdm.write(_describe_row(row))
+                tqdm.write(_describe_row(row), file=sys.stderr)
         context.barrier()
     meter.remove()
 

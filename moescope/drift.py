@@ -268,12 +268,11 @@ def _image_batches(
 
 
 def _cka_figure(table: pd.DataFrame, labels: Sequence[str]):
-    import matplotlib
+    """Line plot of CKA by depth (a pyplot-free Figure: nothing global is kept alive)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(table) + 2.0), 3.4))
+    fig = Figure(figsize=(max(5.0, 0.28 * len(table) + 2.0), 3.4))
+    ax = fig.subplots()
     x = np.arange(len(table))
     ax.plot(x, table["cka"].to_numpy(), marker="o", markersize=3.5, linewidth=1.2)
     ax.set_xticks(x, table["layer"].tolist(), rotation=90, fontsize=7)
@@ -340,7 +339,7 @@ def analyse_drift(
         for images, files in _image_batches(paths, batches, before.img_size, skipped, dropped):
             outputs, routing = [], []
             for model, capture, trace in zip(models, captures, traces):
-                model(images)
+                model(images.to(next(model.parameters()).device))
                 outputs.append(capture.pop())
                 routing.append(trace.pop())
             for name in names:

@@ -276,7 +276,7 @@ def sample_identity(seed: int, identity: int, config: SyntheticConfig | None = N
         brow_inner=shape(0.1, 0.22), brow_outer=shape(0.8, 0.97), brow_slant=shape(-0.06, 0.06),
         nose_length=shape(0.5, 0.68), nose_width=shape(0.14, 0.24), nose_projection=shape(0.22, 0.42),
         nose_bridge=shape(0.05, 0.09), mouth_y=shape(1.0, 1.2), mouth_width=shape(0.36, 0.5),
-        upper_lip=shape(0.035, 0.08), lower_lip=shape(0.05, 0.11), ear_y=shape(0.12, 0.35),
+        upper_lip=shape(0.045, 0.09), lower_lip=shape(0.06, 0.12), ear_y=shape(0.12, 0.35),
         ear_size=shape(0.85, 1.15), hairline=shape(-1.3, -0.95), hairline_shape=shape(-1.0, 1.0),
         hair_volume=shape(0.0, 1.0), hair_part=float(rng.uniform(-1, 1)),
     )
@@ -658,12 +658,12 @@ def _paint_eye(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry, i: in
     if roi is None:
         return
     opening, _ = c.coverage(outline, roi=roi)
-    c.paint(opening, roi, (0.6, 0.56, 0.53), gloss=0.8)
+    c.paint(opening, roi, (0.6, 0.56, 0.53), gloss=0.35)
     iris_centre = centre + np.array(n.gaze) * np.array([1.0, 0.4])
     r = f.iris_radius
     for colour, radius in ((np.array(f.iris) * 0.4, r), (np.array(f.iris), r * 0.86), ((0.01, 0.01, 0.01), r * 0.4)):
         disc, _ = c.coverage(_ellipse(iris_centre, (radius, radius)), roi=roi)
-        c.paint(disc * opening, roi, colour, gloss=0.9)
+        c.paint(disc * opening, roi, colour, gloss=0.35)
     upper = outline[:17]  # upper lid, inner to outer corner
     lower = np.vstack([upper[-1:], outline[17:], upper[:1]])
     shadow, _ = c.coverage(upper + (0, 0.02), width=0.05, closed=False, roi=roi)
@@ -685,8 +685,9 @@ def _paint_mouth(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> 
         gap, roi = c.coverage(g.mouth_gap)
         c.paint(gap, roi, (0.03, 0.01, 0.01))
         top = g.mouth_gap[:21]
-        teeth, _ = c.coverage(np.vstack([top * (0.8, 1.0), top[::-1] * (0.8, 1.0) + (0, 0.05)]), roi=roi)
-        c.paint(teeth * gap, roi, (0.55, 0.52, 0.45), gloss=0.5)
+        height = 0.35 * (g.mouth_gap[28:, 1].max() - top[:, 1].min())
+        teeth, _ = c.coverage(np.vstack([top * (0.7, 1.0), top[::-1] * (0.7, 1.0) + (0, height)]), roi=roi)
+        c.paint(teeth * gap, roi, (0.36, 0.33, 0.28), gloss=0.3)
     else:
         line, roi = c.coverage(g.mouth_gap[:21], width=0.018, closed=False)
         c.paint(line, roi, np.array(f.lips) * 0.3)
@@ -1092,8 +1093,7 @@ def _render_identity(task: tuple[Path, int, int, int, int, SyntheticConfig]) -> 
 
 def _clear_stale(out: Path) -> None:
     """Remove a previous generation's files; refuse folders that hold something else."""
-    manifest = _read_manifest(out)
-    ours = manifest is not None or (out / _IN_PROGRESS).exists()
+    ours = (out / _MANIFEST).exists() or (out / _IN_PROGRESS).exists()
     if not ours and out.exists() and any(out.iterdir()):
         raise MoescopeError(f"{out} is not empty and holds no synthetic data set; choose an empty or new folder")
     for child in out.iterdir() if out.exists() else ():

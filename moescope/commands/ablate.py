@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="expert interventions (drop / switch / random routing) vs accuracy (paper B.17/B.7)",
         description="Evaluate a checkpoint unmodified and under routing interventions, one table row each: "
         "identification Rank-1/5/10/20 (gallery/probe split) and/or verification accuracy (pairs), the effective k "
-        "and the expert usage %% under each intervention. Several interventions may be combined in one run. "
+        "and the expert usage % under each intervention. Several interventions may be combined in one run. "
         "With no CKPT and no data: demo:after on the bundled demo split.",
     )
     p.add_argument("checkpoint", nargs="?", help="checkpoint (.pt, official or moescope) or demo:before/demo:after; default demo:after")
@@ -82,6 +82,7 @@ def render(result) -> str:
     metrics = [c for c in table.columns if c.startswith("Rank-") or c == "Verification accuracy"]
     experts = [c for c in table.columns if c.startswith("Expert ")]
     base = table.iloc[0]
+    layers = settings["layers"] if isinstance(settings["layers"], str) else ", ".join(settings["layers"])
     header = ["intervention", "k", *[f"{m} (%)" for m in metrics], *[f"d {m}" for m in metrics[:1]], *[c.replace(" (%)", " %") for c in experts]]
     rows = []
     for _, row in table.iterrows():
@@ -95,7 +96,7 @@ def render(result) -> str:
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [
         f"moescope ablate: {result.checkpoints[0]} on {settings['data']} ({s['images']} images), "
-        f"{s['moe_layers']} MoE layers ({settings['layers']}), {s['experts']} experts",
+        f"{s['moe_layers']} MoE layers ({layers}), {s['experts']} experts",
         "",
         line(header),
         *(line(r) for r in rows),

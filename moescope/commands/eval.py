@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         raise MoescopeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.root and not args.pairs:
         raise MoescopeError("--root applies to --pairs only")
+    probe_transform = lowres_probes(args.lowres) if args.lowres is not None else None
     model = load_model(args.checkpoint, top_k=args.top_k)
     split = args.split if (args.split or args.pairs or args.bin) else demo_split_dir()
     data = load_protocols(split=split, pairs=args.pairs, root=args.root, bin_file=args.bin, size=model.img_size)
-    probe_transform = lowres_probes(args.lowres) if args.lowres is not None else None
     figures = evaluate(model, data, batch_size=args.batch_size, flip=not args.no_flip, probe_transform=probe_transform)
     sets = ([data.split.gallery, data.split.probe] if data.split else []) + ([data.pairs] if data.pairs else [])
     warnings = [w for w in (s.skip_summary for s in sets) if w]

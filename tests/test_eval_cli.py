@@ -1,0 +1,106 @@
+"""``moescope eval`` and the bundled demo: recorded figures reproduce, low-resolution probes, bad inputs."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from facemoe_model import read_checkpoint
+from facemoe_model.protocols import load_protocols, write_split
+from moescope.cli import main
+from moescope.demo import demo_images_dir, demo_split_dir, resolve_checkpoint
+
+
+def eval_json(*argv: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", *argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def demo_metadata(name: str) -> dict:
+    return read_checkpoint(resolve_checkpoint(f"demo:{name}"))["metadata"]
+
+
+def assert_figures_match(measured: dict, recorded: dict) -> None:
+    """Equal counts; rates equal up to one probe / one pair (float summation order may differ across CPUs)."""
+    for protocol, metrics in recorded.items():
+        unit = 1 / metrics["probes" if protocol == "identification" else "pairs"]
+        for name, value in metrics.items():
+            if value != value:  # NaN: too few impostors, null in JSON
+                assert measured[protocol][name] is None, name
+            else:
+                assert measured[protocol][name] == pytest.approx(value, abs=unit), (protocol, name)
+
+
+@pytest.mark.parametrize(("name", "lowres"), [("after", None), ("before", 16)])
+def test_eval_reproduces_the_figures_recorded_in_the_demo_checkpoints(name, lowres):
+    meta = demo_metadata(name)
+    recorded = meta["validation"]["hr" if lowres is None else f"lr{lowres}"]
+    argv = [f"demo:{name}"] + ([] if lowres is None else ["--lowres", str(lowres)])
+    result = eval_json(*argv) if name != "after" else eval_json()  # no argument at all: demo:after on the demo split
+    assert result["settings"]["data"] == str(demo_split_dir())
+    assert_figures_match(result["summary"], recorded)
+    assert set(result["tables"]) == {"identification", "verification"}
+
+
+def test_demo_tells_the_low_resolution_story():
+    before, after = (demo_metadata(name)["validation"] for name in ("before", "after"))
+    for protocol, figure, chance in (("identification", "Rank-1", 0.01), ("verification", "accuracy", 0.5)):
+        assert before["hr"][protocol][figure] > before["lr16"][protocol][figure] > chance + 0.1
+        assert after["lr16"][protocol][figure] > before["lr16"][protocol][figure]
+        assert after["hr"][protocol][figure] > before["lr16"][protocol][figure]
+    assert demo_metadata("after")["init"].endswith("before.pt")
+    for name in ("before", "after"):
+        meta = demo_metadata(name)
+        assert meta["command"].startswith("moescope train ") and meta["training_seconds"] > 0
+        assert meta["data"]["kind"] == "synthetic"
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory):
+    """An evaluation folder built with write_split from 10 identities of the demo image set."""
+    root = tmp_path_factory.mktemp("eval")
+    for folder in sorted(p for p in demo_images_dir().iterdir() if p.is_dir())[:10]:
+        shutil.copytree(folder, root / "ids" / folder.name)
+    return write_split(root / "ids", root / "split", seed=1)
+
+
+def test_write_split_builds_a_balanced_protocol(small_split):
+    data = load_protocols(split=small_split)
+    assert len(data.split.gallery) == 10 and len(data.split.probe) == len(data.pairs) - len(data.split.gallery)
+    genuine = data.pairs.issame
+    assert genuine.sum() == (~genuine).sum() > 0
+    names = [p.parent.name for p in data.pairs.sources]
+    same_identity = [names[a] == names[b] for a, b in data.pairs.pairs]
+    assert same_identity == genuine.tolist()
+
+
+def test_probe_degradation_reaches_probes_only(small_split):
+    clean = eval_json("demo:before", "--split", str(small_split))
+    identity = eval_json("demo:before", "--split", str(small_split), "--lowres", "120")  # down to 120 px: unchanged
+    tiny = eval_json("demo:before", "--split", str(small_split), "--lowres", "6")
+    assert identity["summary"] == clean["summary"]
+    assert tiny["summary"]["identification"]["Rank-1"] < clean["summary"]["identification"]["Rank-1"]
+    assert tiny["summary"]["verification"]["accuracy"] < clean["summary"]["verification"]["accuracy"]
+    assert tiny["settings"]["lowres"] == 6 and "DownUp(size=6" in tiny["settings"]["probe_transform"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["missing.pt"],
+        ["--split", "{empty}"],
+        ["--pairs", "{empty}/pairs.txt"],
+        ["--bin", "{empty}/lfw.bin"],
+        ["--lowres", "0"],
+    ],
+)
+def test_bad_inputs_fail_with_one_line(argv, tmp_path, capsys):
+    argv = [a.format(empty=tmp_path) for a in argv]
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moescope: error: ") and "\n" not in err
