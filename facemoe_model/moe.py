@@ -46,6 +46,7 @@ __all__ = [
     "override_routing",
     "moe_layers",
     "select_moe_layers",
+    "uniform_num_experts",
     "total_aux_loss",
 ]
 
@@ -363,6 +364,17 @@ def select_moe_layers(model: nn.Module, layers: Iterable[str] | None = None) -> 
         if not any(n == name or n.startswith(name + ".") for n in available):
             raise KeyError(f"unknown MoE layer {name!r}; available: {', '.join(available)}")
     return {n: m for n, m in available.items() if any(n == w or n.startswith(w + ".") for w in wanted)}
+
+
+def uniform_num_experts(layers: Mapping[str, MoELayer]) -> int:
+    """The expert count shared by ``layers``; ``ValueError`` naming the first layer that differs."""
+    if not layers:
+        raise ValueError("no MoE layers selected")
+    (first, ref), *rest = layers.items()
+    for name, layer in rest:
+        if layer.num_experts != ref.num_experts:
+            raise ValueError(f"mismatched expert counts: {name} has {layer.num_experts} experts, {first} has {ref.num_experts}")
+    return ref.num_experts
 
 
 @contextlib.contextmanager

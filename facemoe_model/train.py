@@ -3,9 +3,9 @@
 The authors' recipe (test-vectors README, point 6): CosFace (s=64, m=0.4; ArcFace or AdaFace
 on request) + ``aux_weight`` x the auxiliary loss summed over MoE layers (lambda = 10), AdamW
 with linear warm-up then polynomial decay, gradient clipping at 5, mixed precision (fp16
-autocast + GradScaler) when training on CUDA. ``init`` starts from a checkpoint with a fresh
-classifier: high-resolution pre-training followed by low-resolution fine-tuning
-(``TrainConfig.lowres`` degrades every training image with ``RandomLowResolution``).
+autocast + GradScaler) when training on CUDA. ``init`` starts from a checkpoint: high-resolution
+pre-training followed by low-resolution fine-tuning (``TrainConfig.lowres`` degrades every
+training image with ``RandomLowResolution``).
 
 A run folder holds
 
@@ -15,7 +15,9 @@ A run folder holds
   token slots per expert of every MoE layer (observed through each layer's ``hook_routing``)
   and the validation figures; rewritten atomically after every epoch;
 * ``model.pt`` — the final model; its metadata records the command line, seed, data, training
-  time and final validation figures.
+  time and final validation figures. It also keeps the margin head with the identity names it
+  classifies (``margin_head``), so that fine-tuning on the same identities (``init``) continues
+  with the trained classifier instead of a random one.
 
 Data parallel: under ``torchrun`` every process trains on its ``DistributedSampler`` shard
 inside ``DistributedDataParallel`` (``find_unused_parameters=True``, since an expert may get
@@ -73,6 +75,8 @@ __all__ = [
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
 LOG_FILE = "log.csv"
+HEAD_KEY = "margin_head"
+"""Top-level entry of ``model.pt`` holding the margin head: ``{"head", "classes", "state_dict"}``."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class TrainConfig:
         model / model_args: ``create_model(model, **model_args)`` (ignored with ``init``: the
             checkpoint's architecture is used).
         head: margin head, ``cosface`` (default), ``arcface`` or ``adaface``.
+        head_scale / head_margin: the head's ``s`` and ``m`` (None: the head's defaults, e.g.
+            CosFace s=64, m=0.4).
         epochs / batch_size: passes over the data; images per step and process.
         lr / weight_decay: AdamW peak learning rate and weight decay (not on biases and norms).
         warmup_epochs / poly_power: linear warm-up length, then ``(1 - progress) ** poly_power``.
@@ -97,6 +103,8 @@ class TrainConfig:
     model: str = "facemoe_swin_tiny"
     model_args: Mapping[str, Any] = field(default_factory=dict)
     head: str = "cosface"
+    head_scale: float | None = None
+    head_margin: float | None = None
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -284,7 +292,8 @@ def train(
         config: the optimisation settings.
         images: training images with identity labels, yielding decoded RGB ``uint8`` arrays.
         run_dir: the run folder (``last.pt``, ``log.csv``, ``model.pt``).
-        init: start from this checkpoint's weights and architecture (fresh margin head).
+        init: start from this checkpoint's weights and architecture; its margin head too when it
+            was trained with the same head on the same identity names, else a fresh one.
         resume: continue from ``run_dir/last.pt`` (a fresh start when there is none).
         validation: a held-out evaluation folder (``protocols.load_protocols``) evaluated every
             ``val_every`` epochs and after the last one.
@@ -318,7 +327,14 @@ def train(
             raise MoescopeError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
     model.train()
     val_data = load_protocols(split=validation, size=model.img_size) if validation is not None and context.is_main else None
-    head = margin_head(config.head, _embedding_dim(model), len(images.classes))
+    head_args = {k: v for k, v in (("s", config.head_scale), ("m", config.head_margin)) if v is not None}
+    head = margin_head(config.head, _embedding_dim(model), len(images.classes), **head_args)
+    head_start = state["metadata"]["margin_head"] if state is not None else "fresh"
+    if state is None and init is not None:
+        saved_head = read_checkpoint(init).get(HEAD_KEY)
+        if saved_head and saved_head["head"] == config.head and saved_head["classes"] == list(images.classes):
+            head.load_state_dict(saved_head["state_dict"])
+            head_start = f"from {init}"
     objective = _Objective(model, head).to(context.device)
     meter = ExpertLoadMeter(model)
 
@@ -395,7 +411,7 @@ def train(
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         if context.is_main:
-            _save_training_state(last_path, model, head, optimizer, scheduler, scaler, config, epoch + 1, step, row["seconds"], rows)
+            _save_training_state(last_path, model, head, optimizer, scheduler, scaler, config, epoch + 1, step, row["seconds"], rows, head_start)
             atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
             if show:
                 tqdm.write(_describe_row(row), file=sys.stderr)
@@ -409,6 +425,7 @@ def train(
         "seed": config.seed,
         "train_config": config.to_dict(),
         "init": str(init) if init is not None else None,
+        "margin_head": head_start,
         "epochs": config.epochs,
         "steps": step,
         "world_size": context.world_size,
@@ -426,17 +443,18 @@ def train(
             rows[-1].update(_validation_columns(figures))
             atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
         model.eval()
-        save_checkpoint(model, final_path, result_meta, half=half)
+        head_record = {"head": config.head, "classes": list(images.classes), "state_dict": head.state_dict()}
+        save_checkpoint(model, final_path, result_meta, half=half, extra={HEAD_KEY: head_record})
     context.barrier()
     return TrainResult(run_dir=run_dir, checkpoint=final_path, log=pd.DataFrame(rows), metadata=result_meta)
 
 
-def _save_training_state(path: Path, model, head, optimizer, scheduler, scaler, config: TrainConfig, epoch: int, step: int, elapsed: float, rows) -> None:
+def _save_training_state(path: Path, model, head, optimizer, scheduler, scaler, config: TrainConfig, epoch: int, step: int, elapsed: float, rows, head_start: str) -> None:
     train_state = {
         "config": config.to_dict(), "epoch": epoch, "step": step, "elapsed": elapsed, "log": rows,
         "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
     }
-    save_checkpoint(model, path, {"epoch": epoch, "step": step}, extra={"train": train_state})
+    save_checkpoint(model, path, {"epoch": epoch, "step": step, "margin_head": head_start}, extra={"train": train_state})
 
 
 def _gather_digests(module: nn.Module, context: DistributedContext) -> list[str]:

@@ -24,6 +24,12 @@ def add_output_options(parser: argparse.ArgumentParser, seed: bool = True) -> No
         parser.add_argument("--seed", type=int, default=0, help="random seed (bootstrap, random routing ...); default 0")
 
 
+def split_names(values: list[str] | None) -> list[str] | None:
+    """Names from repeatable, comma-separated options (``--layers a,b --layers c``); None if none."""
+    names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]
+    return names or None
+
+
 def emit(result, args: argparse.Namespace, render) -> None:
     """Show an AnalysisResult: human text (``render(result) -> str``), JSON, files."""
     text_stream = sys.stderr if getattr(args, "json", False) else sys.stdout

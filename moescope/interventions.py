@@ -24,17 +24,16 @@ import itertools
 from dataclasses import dataclass
 from typing import ContextManager, Iterable, Literal, Sequence
 
-import numpy as np
 import pandas as pd
 from torch import nn
 from tqdm import tqdm
 
-from facemoe_model.moe import MoELayer, RoutingOverride, override_routing, select_moe_layers
+from facemoe_model.moe import MoELayer, RoutingOverride, override_routing, select_moe_layers, uniform_num_experts
 from facemoe_model.protocols import Degradation, EvaluationData, evaluate
 
 from .errors import MoescopeError
 from .results import AnalysisResult
-from .trace import RoutingTrace
+from .trace import ExpertUsage
 
 __all__ = [
     "Intervention",
@@ -110,12 +109,10 @@ def _selected(model: nn.Module, layers: Sequence[str] | None) -> dict[str, MoELa
 
 
 def _num_experts(chosen: dict[str, MoELayer]) -> int:
-    counts = {name: layer.num_experts for name, layer in chosen.items()}
-    if len(set(counts.values())) != 1:
-        first = next(iter(counts))
-        odd = next(n for n in counts if counts[n] != counts[first])
-        raise MoescopeError(f"mismatched expert counts: {odd} has {counts[odd]} experts, {first} has {counts[first]}; choose layers with --layers")
-    return next(iter(counts.values()))
+    try:
+        return uniform_num_experts(chosen)
+    except ValueError as exc:
+        raise MoescopeError(f"{exc}; choose layers with --layers") from None
 
 
 def plan_interventions(
@@ -142,53 +139,6 @@ def plan_interventions(
             except ValueError as exc:
                 raise MoescopeError(f"{intervention.name}: {exc}") from None
     return unique
-
-
-class ExpertUsage:
-    """Context manager counting token-expert assignments per MoE layer and expert while a model runs.
-
-    A :class:`~moescope.trace.RoutingTrace` records what each layer computed and a forward
-    hook on ``model`` collects it after every forward pass, so any code that calls the model
-    (e.g. :func:`facemoe_model.protocols.evaluate`) is observed unchanged. Grid tokens count
-    (prefix/class tokens are left out, as in the trace); every expert a token was processed
-    by is one assignment. Hooks are removed on exit.
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
-        self.model = model
-        self.trace = RoutingTrace(model, layers)
-        self.counts = {name: np.zeros(layer.num_experts, dtype=np.int64) for name, layer in self.trace.layers.items()}
-        self._stack: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> "ExpertUsage":
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.trace)
-            stack.callback(self.model.register_forward_hook(self._collect).remove)
-            self._stack = stack.pop_all()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-    def _collect(self, module: nn.Module, inputs, output) -> None:
-        for name, routing in self.trace.pop().items():
-            self.counts[name] += np.bincount(routing.topk.ravel(), minlength=len(self.counts[name]))
-
-    @property
-    def total(self) -> np.ndarray:
-        """Assignments per expert over all observed layers."""
-        return np.sum(list(self.counts.values()), axis=0)
-
-    def table(self) -> pd.DataFrame:
-        """Tidy ``layer, expert, assignments, percent`` per layer and over all layers (``layer == "all"``)."""
-        rows = []
-        for layer, counts in [*self.counts.items(), ("all", self.total)]:
-            total = counts.sum()
-            for expert, n in enumerate(counts):
-                rows.append({"layer": layer, "expert": expert, "assignments": int(n), "percent": 100.0 * n / total if total else float("nan")})
-        return pd.DataFrame(rows)
 
 
 def _headline(figures: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -280,7 +280,7 @@ def analyse_regions(
     """
     import torch
 
-    from facemoe_model.moe import select_moe_layers
+    from facemoe_model.moe import select_moe_layers, uniform_num_experts
 
     from .errors import MoescopeError
     from .faces import FaceStats, face_batches
@@ -292,18 +292,16 @@ def analyse_regions(
     except KeyError as exc:
         raise MoescopeError(str(exc.args[0])) from None
     names = list(chosen[0])
-    experts = {n: l.num_experts for n, l in chosen[0].items()}
-    if len(set(experts.values())) != 1:
-        first = names[0]
-        odd = next(n for n in names if experts[n] != experts[first])
-        raise MoescopeError(f"mismatched expert counts: {odd} has {experts[odd]} experts, {first} has {experts[first]}")
+    try:
+        num_experts = uniform_num_experts(chosen[0])
+    except ValueError as exc:
+        raise MoescopeError(str(exc)) from None
     for label, other in zip(labels[1:], chosen[1:]):
-        if list(other) != names or any(other[n].num_experts != experts[n] for n in names):
+        if list(other) != names or any(layer.num_experts != num_experts for layer in other.values()):
             raise MoescopeError(f"--compare needs the same MoE layers and expert counts: {labels[0]} and {label} differ")
     sizes = {m.img_size for m in models}
     if len(sizes) != 1:
         raise MoescopeError(f"--compare needs the same input size, got {sorted(sizes)}")
-    num_experts = experts[names[0]]
     counters = {label: RegionRoutingCounts(names, num_experts, count=count, by=by) for label in labels}
     token_frames = []
     stats = FaceStats()

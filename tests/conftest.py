@@ -12,9 +12,11 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Keep landmark and dataset caches out of the user's home during tests."""
+    """Keep caches out of the user's home; one torch thread (tiny models run fastest on one,
+    and OpenMP spin-waits stall badly on a shared 2-core machine), also in CLI subprocesses."""
     os.environ.setdefault("MOESCOPE_CACHE", str(tmp_path_factory.mktemp("moescope-cache")))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     yield
 
 

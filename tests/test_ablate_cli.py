@@ -18,15 +18,6 @@ from moescope.demo import demo_dir, load_model
 from test_interventions import write_identity_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run fastest on one thread, most of all on a busy shared CPU; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory):
     return write_identity_split(tmp_path_factory.mktemp("ablate-cli"), identities=4, shots=2)

@@ -27,15 +27,6 @@ SWIN_TINY_LAYERS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest and avoids OpenMP stalls on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_faces(folder, count, start=0):
     folder.mkdir(parents=True, exist_ok=True)
     for i, face in enumerate(skimage.data.lfw_subset()[start : start + count]):

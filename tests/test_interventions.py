@@ -17,19 +17,11 @@ from facemoe_model.evaluate import embed_images
 from facemoe_model.margin_heads import CosFace
 from facemoe_model.protocols import evaluate, load_protocols, write_split
 from moescope.errors import MoescopeError
-from moescope.interventions import ExpertUsage, ablate_experts, plan_interventions
+from moescope.interventions import ablate_experts, plan_interventions
+from moescope.trace import ExpertUsage
 from moescope.trace import RoutingTrace
 
 IDENTITIES, SHOTS = 6, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run fastest on one thread, most of all on a busy shared CPU; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lfw_faces(n: int) -> list[np.ndarray]:

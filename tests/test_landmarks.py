@@ -1,7 +1,6 @@
 """Face Mesh detection, landmark cache, image loading and the aligned-face template, on real photos."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import matplotlib.cbook

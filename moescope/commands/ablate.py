@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..cli import add_output_options, emit
+from ..cli import add_output_options, emit, split_names
 from ..errors import MoescopeError
 
 
@@ -36,11 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _split_layers(values: list[str] | None) -> list[str] | None:
-    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
-    return names or None
-
-
 def run(args: argparse.Namespace) -> int:
     from facemoe_model.protocols import load_protocols, lowres_probes
 
@@ -53,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoescopeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.root and not args.protocol:
         raise MoescopeError("--root applies to --protocol only")
-    layers = _split_layers(args.layers)
+    layers = split_names(args.layers)
     model = load_model(args.checkpoint, top_k=args.top_k)
     interventions = plan_interventions(
         model, drop=args.drop, switch=[None if s == "cyclic" else s for s in args.switch or []],
@@ -93,7 +88,10 @@ def render(result) -> str:
             *[_fmt(row[c], scale=1.0, digits=1) for c in experts],
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [
         f"moescope ablate: {result.checkpoints[0]} on {settings['data']} ({s['images']} images), "
         f"{s['moe_layers']} MoE layers ({layers}), {s['experts']} experts",

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def describe(model) -> "AnalysisResult":
+def describe(model):
+    """The checkpoint summary as an AnalysisResult (one row per MoE layer)."""
     import pandas as pd
 
     from facemoe_model import moe_layers

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, emit
+from ..cli import add_output_options, emit, split_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,20 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _split_layers(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    return names or None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..demo import demo_images_dir, load_model
     from ..errors import MoescopeError
     from ..faces import list_images
     from ..region_routing import analyse_regions
 
-    layers = _split_layers(args.layers)
+    layers = split_names(args.layers)
     specs = [args.checkpoint or "demo:after"] + ([args.compare] if args.compare else [])
     models = [load_model(spec, top_k=args.top_k) for spec in specs]
     paths = list_images(args.data if args.data else demo_images_dir())

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--head", choices=("cosface", "arcface", "adaface"), default=d["head"], help="margin loss (default cosface, s=64 m=0.4)")
+    opt.add_argument("--scale", type=float, metavar="S", help="margin-head scale s (default: the head's, 64)")
+    opt.add_argument("--margin", type=float, metavar="M", help="margin-head margin m (default: the head's, cosface 0.4, arcface 0.5, adaface 0.4)")
     opt.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over the data (default {d['epochs']})")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per step and process (default {d['batch_size']})")
     opt.add_argument("--lr", type=float, default=d["lr"], help=f"AdamW peak learning rate (default {d['lr']:g})")
@@ -189,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     if args.val_lowres is not None and not args.val:
         raise MoescopeError("--val-lowres needs --val DIR")
     config = TrainConfig(
-        model=args.model or DEFAULTS["model"], model_args=_model_args(args.model_arg), head=args.head, epochs=args.epochs,
+        model=args.model or DEFAULTS["model"], model_args=_model_args(args.model_arg), head=args.head, head_scale=args.scale,
+        head_margin=args.margin, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         poly_power=args.poly_power, aux_weight=args.aux_weight, clip_grad=args.clip_grad,
         lowres=_range(args.lowres, "--lowres") if args.lowres else None, hflip=not args.no_hflip, seed=args.seed,
