@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 from torch import nn
+from torch.utils.data import Subset
 
 from moescope.errors import DataError
 from moescope.results import atomic_path, atomic_write
@@ -37,6 +38,7 @@ from .evaluate import embed_dataset, identification_metrics, verification_metric
 __all__ = [
     "PAIRS_FILE",
     "Degradation",
+    "EmbeddingCache",
     "EvaluationData",
     "degraded",
     "evaluate_identification",
@@ -66,6 +68,28 @@ def degraded(dataset: LabelledImages, degrade: Degradation) -> LabelledImages:
     return copied
 
 
+class EmbeddingCache:
+    """Flip-fused L2-normalised embeddings of one model, computed once per image and degradation.
+
+    Images are keyed by their source (file path or encoded bytes), so an image shared by an
+    identification split and its verification pairs is embedded once. Every data set given to
+    one cache must preprocess images alike (as the ones :func:`load_protocols` builds do).
+    """
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 64, flip: bool = True, device=None) -> None:
+        self.model, self.batch_size, self.flip, self.device = model, batch_size, flip, device
+        self._vectors: dict[tuple[object, Degradation | None], np.ndarray] = {}  # (source, degradation) -> vector
+
+    def __call__(self, dataset: LabelledImages, degrade: Degradation | None = None) -> np.ndarray:
+        """Embeddings [N, D] of ``dataset`` in order, its images passed through ``degrade`` when given."""
+        todo = [i for i, source in enumerate(dataset.sources) if (source, degrade) not in self._vectors]
+        if todo:
+            images = dataset if degrade is None else degraded(dataset, degrade)
+            vectors = embed_dataset(self.model, Subset(images, todo), self.batch_size, self.flip, self.device)
+            self._vectors.update({(dataset.sources[i], degrade): vector for i, vector in zip(todo, vectors)})
+        return np.stack([self._vectors[(source, degrade)] for source in dataset.sources])
+
+
 def evaluate_identification(
     model: nn.Module,
     split: GalleryProbe,
@@ -74,12 +98,15 @@ def evaluate_identification(
     flip: bool = True,
     probe_transform: Degradation | None = None,
     device=None,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, float]:
-    """Closed-set identification of ``split``: probe/gallery/distractor counts and Rank-1/5/10/20."""
-    gallery = embed_dataset(model, split.gallery, batch_size, flip, device)
-    probe_set = split.probe if probe_transform is None else degraded(split.probe, probe_transform)
-    probes = embed_dataset(model, probe_set, batch_size, flip, device)
-    return identification_metrics(probes, split.probe.labels, gallery, split.gallery.labels)
+    """Closed-set identification of ``split``: probe/gallery/distractor counts and Rank-1/5/10/20.
+
+    ``cache`` reuses embeddings across calls on the same model (it overrides ``batch_size``,
+    ``flip`` and ``device``).
+    """
+    embed = cache or EmbeddingCache(model, batch_size=batch_size, flip=flip, device=device)
+    return identification_metrics(embed(split.probe, probe_transform), split.probe.labels, embed(split.gallery), split.gallery.labels)
 
 
 def evaluate_verification(
@@ -90,18 +117,19 @@ def evaluate_verification(
     flip: bool = True,
     probe_transform: Degradation | None = None,
     device=None,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, float]:
     """Verification of ``pairs``: pair count, 10-fold accuracy (+- std, threshold) and TAR@FAR.
 
-    With ``probe_transform`` the second image of each pair is degraded: every image is embedded
-    clean and degraded, and pairs compare clean first images with degraded second images.
+    With ``probe_transform`` pairs compare the clean first image with the degraded second image.
+    ``cache`` as in :func:`evaluate_identification`.
     """
-    clean = embed_dataset(model, pairs, batch_size, flip, device)
+    embed = cache or EmbeddingCache(model, batch_size=batch_size, flip=flip, device=device)
+    clean = embed(pairs)
     if probe_transform is None:
         return verification_metrics(clean, pairs.pairs, pairs.issame, pairs.folds)
-    probes = embed_dataset(model, degraded(pairs, probe_transform), batch_size, flip, device)
     mixed_pairs = np.stack([pairs.pairs[:, 0], pairs.pairs[:, 1] + len(clean)], axis=1)
-    return verification_metrics(np.concatenate([clean, probes]), mixed_pairs, pairs.issame, pairs.folds)
+    return verification_metrics(np.concatenate([clean, embed(pairs, probe_transform)]), mixed_pairs, pairs.issame, pairs.folds)
 
 
 @dataclass
@@ -165,14 +193,18 @@ def evaluate(
     flip: bool = True,
     probe_transform: Degradation | None = None,
     device=None,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Every protocol ``data`` holds: ``{"identification": {...}, "verification": {...}}``."""
-    options = dict(batch_size=batch_size, flip=flip, probe_transform=probe_transform, device=device)
+    """Every protocol ``data`` holds: ``{"identification": {...}, "verification": {...}}``.
+
+    One :class:`EmbeddingCache` (``cache``, or a new one) serves both protocols.
+    """
+    cache = cache or EmbeddingCache(model, batch_size=batch_size, flip=flip, device=device)
     results = {}
     if data.split is not None:
-        results["identification"] = evaluate_identification(model, data.split, **options)
+        results["identification"] = evaluate_identification(model, data.split, probe_transform=probe_transform, cache=cache)
     if data.pairs is not None:
-        results["verification"] = evaluate_verification(model, data.pairs, **options)
+        results["verification"] = evaluate_verification(model, data.pairs, probe_transform=probe_transform, cache=cache)
     return results
 
 

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from moescope.errors import CheckpointError, MoescopeError
+from moescope.errors import MoescopeError
 from moescope.results import atomic_write
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -58,7 +58,7 @@ from .distributed import DistributedContext, all_reduce_sum, broadcast_buffers, 
 from .margin_heads import margin_head
 from .models import create_model
 from .moe import moe_layers, total_aux_loss
-from .protocols import EvaluationData, evaluate, load_protocols, lowres_probes
+from .protocols import EmbeddingCache, EvaluationData, evaluate, load_protocols, lowres_probes
 
 __all__ = [
     "TrainConfig",
@@ -237,18 +237,12 @@ def _embedding_dim(model: nn.Module) -> int:
     return model.feature_layer[-1].num_features
 
 
-def _optimizer(objective: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in objective.parameters() if p.ndim >= 2]
-    no_decay = [p for p in objective.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
 def _validate(model: nn.Module, data: EvaluationData, lowres: int | None, batch_size: int) -> dict[str, dict]:
     """Validation figures: ``{"hr": {...}}`` plus ``{"lr<S>": {...}}`` with low-resolution probes."""
-    figures = {"hr": evaluate(model, data, batch_size=batch_size)}
+    cache = EmbeddingCache(model, batch_size=batch_size)
+    figures = {"hr": evaluate(model, data, cache=cache)}
     if lowres:
-        figures[f"lr{lowres}"] = evaluate(model, data, batch_size=batch_size, probe_transform=lowres_probes(lowres))
+        figures[f"lr{lowres}"] = evaluate(model, data, probe_transform=lowres_probes(lowres), cache=cache)
     return figures
 
 
@@ -268,6 +262,101 @@ def _round_to_half(model: nn.Module) -> None:
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half())
+
+
+class _Optimisation:
+    """AdamW + warm-up/polynomial schedule + gradient clipping + (CUDA) loss scaling, stepped together."""
+
+    def __init__(self, module: nn.Module, config: TrainConfig, steps_per_epoch: int, amp: bool) -> None:
+        decay = [p for p in module.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
+        no_decay = [p for p in module.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        )
+        schedule = WarmupPolyDecay(round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch, config.poly_power)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        self.module, self.clip_grad = module, config.clip_grad
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward pass and one optimiser step; returns the learning rate it used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _initial_model(config: TrainConfig, init: str | Path | None) -> tuple[nn.Module, TrainConfig]:
+    """The model to start from and the config describing it (``init`` fixes the architecture)."""
+    torch.manual_seed(config.seed)
+    if init is not None:
+        model = load_checkpoint(init)
+        architecture = dict(model.model_config)
+        return model.train(), dataclasses.replace(config, model=architecture.pop("name"), model_args=architecture)
+    try:
+        return create_model(config.model, **config.model_args).train(), config
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MoescopeError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _initial_head(config: TrainConfig, model: nn.Module, classes: list[str], init: str | Path | None) -> tuple[nn.Module, str]:
+    """A margin head over ``classes`` — ``init``'s when it was trained on the same identities — and where it came from."""
+    head_args = {k: v for k, v in (("s", config.head_scale), ("m", config.head_margin)) if v is not None}
+    head = margin_head(config.head, _embedding_dim(model), len(classes), **head_args)
+    if init is not None:
+        saved = read_checkpoint(init).get(HEAD_KEY)
+        if saved and saved["head"] == config.head and saved["classes"] == list(classes):
+            head.load_state_dict(saved["state_dict"])
+            return head, f"from {init}"
+    return head, "fresh"
+
+
+def _resume_state(run_dir: Path, resume: bool, config: TrainConfig) -> dict[str, Any] | None:
+    """The run folder's ``last.pt`` when resuming (its options must agree), None for a fresh start."""
+    last_path = run_dir / LAST_CHECKPOINT
+    if not last_path.exists():
+        return None
+    if not resume:
+        raise MoescopeError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another folder")
+    state = read_checkpoint(last_path)
+    changed = sorted(k for k, v in config.to_dict().items() if state["train"]["config"].get(k) != v)
+    if changed:
+        raise MoescopeError(f"cannot resume {last_path}: training option(s) {', '.join(changed)} differ from the saved run")
+    return state
+
+
+def _train_epoch(trainer: nn.Module, loader: DataLoader, optimisation: _Optimisation, config: TrainConfig,
+                 context: DistributedContext, bar: tqdm) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean losses (over all processes) and last learning rate."""
+    totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # face, aux, batches
+    one = torch.ones((), dtype=torch.float64, device=context.device)
+    lr = float("nan")
+    for images, labels in loader:
+        images, labels = images.to(context.device, non_blocking=True), labels.to(context.device, non_blocking=True)
+        with torch.autocast(context.device.type, dtype=torch.float16, enabled=context.device.type == "cuda"):
+            face, aux = trainer(images, labels)
+            loss = face + config.aux_weight * aux
+        lr = optimisation.step(loss)
+        totals += torch.stack([face.detach().double(), aux.detach().double(), one])
+        bar.update()
+        if not bar.disable and bar.n % 10 == 0:
+            bar.set_postfix(face=f"{(totals[0] / totals[2]).item():.3f}", aux=f"{(totals[1] / totals[2]).item():.4f}")
+    face_loss, aux_loss = (all_reduce_sum(totals, context)[:2] / totals[2]).tolist()
+    return {"lr": lr, "face_loss": face_loss, "aux_loss": aux_loss, "loss": face_loss + config.aux_weight * aux_loss}
 
 
 def train(
@@ -296,7 +385,7 @@ def train(
             was trained with the same head on the same identity names, else a fresh one.
         resume: continue from ``run_dir/last.pt`` (a fresh start when there is none).
         validation: a held-out evaluation folder (``protocols.load_protocols``) evaluated every
-            ``val_every`` epochs and after the last one.
+            ``val_every`` epochs and after the last one (rank 0).
         val_lowres: also validate with probes down-sampled to this side (``lowres_probes``).
         half: store ``model.pt`` in float16; the final figures are measured on those weights.
         workers: data-loader worker processes.
@@ -305,121 +394,58 @@ def train(
         progress: show progress bars (rank 0).
     """
     run_dir = Path(run_dir)
-    last_path, log_path = run_dir / LAST_CHECKPOINT, run_dir / LOG_FILE
-    torch.manual_seed(config.seed)
-    if init is not None:
-        model = load_checkpoint(init)
-        architecture = dict(model.model_config)
-        config = dataclasses.replace(config, model=architecture.pop("name"), model_args=architecture)
-    state = read_checkpoint(last_path) if resume and last_path.exists() else None
-    if state is None and last_path.exists():
-        raise MoescopeError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another folder")
-    if state is not None:
-        saved = state["train"]["config"]
-        changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
-        if changed:
-            raise MoescopeError(f"cannot resume {last_path}: training option(s) {', '.join(changed)} differ from the saved run")
-        model = load_checkpoint(last_path)
-    elif init is None:
-        try:
-            model = create_model(config.model, **config.model_args)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MoescopeError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
-    model.train()
-    val_data = load_protocols(split=validation, size=model.img_size) if validation is not None and context.is_main else None
-    head_args = {k: v for k, v in (("s", config.head_scale), ("m", config.head_margin)) if v is not None}
-    head = margin_head(config.head, _embedding_dim(model), len(images.classes), **head_args)
-    head_start = state["metadata"]["margin_head"] if state is not None else "fresh"
-    if state is None and init is not None:
-        saved_head = read_checkpoint(init).get(HEAD_KEY)
-        if saved_head and saved_head["head"] == config.head and saved_head["classes"] == list(images.classes):
-            head.load_state_dict(saved_head["state_dict"])
-            head_start = f"from {init}"
+    model, config = _initial_model(config, init)
+    state = _resume_state(run_dir, resume, config)
+    head, head_start = _initial_head(config, model, images.classes, init if state is None else None)
     objective = _Objective(model, head).to(context.device)
-    meter = ExpertLoadMeter(model)
-
     dataset = TrainImages(images, config.seed, model.img_size, config.lowres, config.hflip)
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed, drop_last=True)
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=context.device.type == "cuda",
-    )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise MoescopeError(
-            f"{len(dataset)} training images are fewer than one batch of {config.batch_size} x {context.world_size} process(es); lower --batch-size"
-        )
-    total_steps = config.epochs * steps_per_epoch
-    optimizer = _optimizer(objective, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupPolyDecay(round(config.warmup_epochs * steps_per_epoch), total_steps, config.poly_power)
-    )
-    use_amp = context.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        pin_memory=context.device.type == "cuda")
+    if len(loader) == 0:
+        raise MoescopeError(f"{len(dataset)} training images are fewer than one batch of {config.batch_size} x {context.world_size} process(es); lower --batch-size")
+    optimisation = _Optimisation(objective, config, len(loader), amp=context.device.type == "cuda")
     rows: list[dict[str, Any]] = []
-    start_epoch, step, elapsed = 0, 0, 0.0
+    step, elapsed = 0, 0.0
     if state is not None:
-        head.load_state_dict(state["train"]["head"])
-        optimizer.load_state_dict(state["train"]["optimizer"])
-        scheduler.load_state_dict(state["train"]["scheduler"])
-        scaler.load_state_dict(state["train"]["scaler"])
-        start_epoch, step, elapsed = state["train"]["epoch"], state["train"]["step"], state["train"]["elapsed"]
-        rows = list(state["train"]["log"])
+        objective.load_state_dict({**{f"backbone.{k}": v for k, v in state["state_dict"].items()}, **{f"head.{k}": v for k, v in state["train"]["head"].items()}})
+        optimisation.load_state_dict(state["train"])
+        head_start, step, elapsed, rows = state["metadata"]["margin_head"], state["train"]["step"], state["train"]["elapsed"], list(state["train"]["log"])
     trainer = objective
     if context.enabled:
-        trainer = DistributedDataParallel(
-            objective, device_ids=[context.device.index] if context.device.type == "cuda" else None, find_unused_parameters=True
-        )
-    show = progress and context.is_main
+        cuda_ids = [context.device.index] if context.device.type == "cuda" else None
+        trainer = DistributedDataParallel(objective, device_ids=cuda_ids, find_unused_parameters=True)
+    val_data = load_protocols(split=validation, size=model.img_size) if validation is not None and context.is_main else None
+    meter = ExpertLoadMeter(model)
     started = time.perf_counter() - elapsed
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(len(rows), config.epochs):
         torch.manual_seed(int(np.random.SeedSequence((config.seed, epoch, context.rank)).generate_state(1)[0]))
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         meter.reset()
         objective.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # face, aux, batches
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show, leave=False)
-        for images_batch, labels in bar:
-            images_batch = images_batch.to(context.device, non_blocking=True)
-            labels = labels.to(context.device, non_blocking=True)
-            with torch.autocast(context.device.type, dtype=torch.float16, enabled=use_amp):
-                face, aux = trainer(images_batch, labels)
-                loss = face + config.aux_weight * aux
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            totals += torch.stack([face.detach().double(), aux.detach().double(), torch.ones((), dtype=torch.float64, device=context.device)])
-            if show and step % 10 == 0:
-                bar.set_postfix(face=f"{totals[0].item() / totals[2].item():.3f}", aux=f"{totals[1].item() / totals[2].item():.4f}")
-        all_reduce_sum(totals, context)
-        broadcast_buffers(objective, context)
-        face_loss, aux_loss = (totals[:2] / totals[2]).tolist()
-        row = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-            "face_loss": face_loss, "aux_loss": aux_loss, "loss": face_loss + config.aux_weight * aux_loss,
-        }
+        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                  disable=not (progress and context.is_main)) as bar:
+            row = {"epoch": epoch + 1, **_train_epoch(trainer, loader, optimisation, config, context, bar)}
+        step += len(loader)
+        row["step"] = step
         row.update(meter.shares(context))
+        broadcast_buffers(objective, context)
         if val_data is not None and (epoch + 1) % val_every == 0 and epoch + 1 < config.epochs:
             row.update(_validation_columns(_validate(model, val_data, val_lowres, config.batch_size)))
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         if context.is_main:
-            _save_training_state(last_path, model, head, optimizer, scheduler, scaler, config, epoch + 1, step, row["seconds"], rows, head_start)
-            atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
-            if show:
+            train_state = {"config": config.to_dict(), "step": step, "elapsed": row["seconds"], "log": rows,
+                           "head": head.state_dict(), **optimisation.state_dict()}
+            save_checkpoint(model, run_dir / LAST_CHECKPOINT, {"epoch": epoch + 1, "step": step, "margin_head": head_start},
+                            extra={"train": train_state})
+            atomic_write(run_dir / LOG_FILE, pd.DataFrame(rows).to_csv(index=False))
+            if progress:
                 tqdm.write(_describe_row(row), file=sys.stderr)
         context.barrier()
     meter.remove()
 
-    elapsed = time.perf_counter() - started
-    digests = _gather_digests(objective, context)
     result_meta = {
         **dict(metadata or {}),
         "seed": config.seed,
@@ -429,9 +455,9 @@ def train(
         "epochs": config.epochs,
         "steps": step,
         "world_size": context.world_size,
-        "device": str(context.device.type),
-        "training_seconds": round(elapsed, 1),
-        "replica_digests": digests,
+        "device": context.device.type,
+        "training_seconds": round(time.perf_counter() - started, 1),
+        "replica_digests": _gather_digests(objective, context),
     }
     final_path = run_dir / FINAL_CHECKPOINT
     if context.is_main:
@@ -441,20 +467,11 @@ def train(
             figures = _validate(model, val_data, val_lowres, config.batch_size)
             result_meta["validation"] = {"data": val_data.source, "lowres": val_lowres, **figures}
             rows[-1].update(_validation_columns(figures))
-            atomic_write(log_path, pd.DataFrame(rows).to_csv(index=False))
-        model.eval()
+            atomic_write(run_dir / LOG_FILE, pd.DataFrame(rows).to_csv(index=False))
         head_record = {"head": config.head, "classes": list(images.classes), "state_dict": head.state_dict()}
-        save_checkpoint(model, final_path, result_meta, half=half, extra={HEAD_KEY: head_record})
+        save_checkpoint(model.eval(), final_path, result_meta, half=half, extra={HEAD_KEY: head_record})
     context.barrier()
     return TrainResult(run_dir=run_dir, checkpoint=final_path, log=pd.DataFrame(rows), metadata=result_meta)
-
-
-def _save_training_state(path: Path, model, head, optimizer, scheduler, scaler, config: TrainConfig, epoch: int, step: int, elapsed: float, rows, head_start: str) -> None:
-    train_state = {
-        "config": config.to_dict(), "epoch": epoch, "step": step, "elapsed": elapsed, "log": rows,
-        "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-    }
-    save_checkpoint(model, path, {"epoch": epoch, "step": step, "margin_head": head_start}, extra={"train": train_state})
 
 
 def _gather_digests(module: nn.Module, context: DistributedContext) -> list[str]:

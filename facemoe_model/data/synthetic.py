@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ FACIAL_HAIR = ("none", "stubble", "moustache", "beard")
 OCCLUSIONS = ("glasses", "sunglasses", "mask", "hat", "hand")
 
 _SUPERSAMPLE = 2
+_MAX_WARP_DEPTH = 1.2  # above the highest point of the warp surface (_head_depth, smooth), face units
 _FOREHEAD_TOP = 0.78  # height of the face oval above the eye line (as mediapipe's oval), face units
 
 # sRGB palettes, light to dark / by kind
@@ -75,7 +76,7 @@ _IRIS = np.array([(55, 35, 22), (95, 60, 34), (115, 95, 52), (78, 105, 66), (70,
                  dtype=np.float64)
 _IRIS_WEIGHTS = np.array([0.35, 0.25, 0.12, 0.08, 0.12, 0.08])
 _HAIR_STYLE_WEIGHTS = np.array([0.24, 0.2, 0.2, 0.12, 0.1, 0.08, 0.06])
-_FACIAL_HAIR_WEIGHTS = np.array([0.0, 0.4, 0.25, 0.35])
+_FACIAL_HAIR_WEIGHTS = np.array([0.4, 0.25, 0.35])  # of FACIAL_HAIR[1:]
 _OCCLUSION_WEIGHTS = np.array([0.35, 0.1, 0.15, 0.2, 0.2])
 
 
@@ -88,47 +89,35 @@ Range = tuple[float, float]
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Knobs of the generator (defaults: narrow identities, wide nuisances).
+    """Knobs of the generator. Defaults narrow the identities and widen the nuisances, so that
+    telling people apart is not trivial; all ranges are ``(low, high)``, uniform."""
 
-    Identity: ``shape_spread`` / ``colour_spread`` scale the range of every geometric /
-    colour identity parameter around its middle (1 = the full human-like range, 0 = everyone
-    alike except categorical traits); ``facial_hair_prob`` is the share of identities with
-    stubble, moustache or beard.
-    Pose (uniform in +-value): ``yaw_deg``, ``pitch_deg`` rotate the head in depth;
-    ``roll_deg``, ``scale_jitter`` (relative), ``shift_jitter`` (fraction of the image) are
-    the residual misalignment after aligning to the 5-point template.
-    Light: key light ``light_azimuth_deg`` (+-, from the front), ``light_elevation_deg``
-    range (positive = from above), ``light_strength`` and ``ambient`` ranges (linear units),
-    ``white_balance`` (max relative per-channel tint), ``exposure`` (face brightness relative
-    to the auto-exposure target).
-    Expression: ``expression`` in [0, 1] scales smile, mouth opening, brow raise/frown, squint
-    and gaze. Background: ``background_texture`` = probability of a textured background.
-    Per-sample probabilities: ``occlusion_prob`` (glasses, sunglasses, mask, hat or hand),
-    ``blur_prob`` with ``blur_sigma`` (pixels at the output size), ``noise_prob`` with
-    ``noise_std`` (0..255 units).
-    """
-
-    shape_spread: float = 0.6
-    colour_spread: float = 0.7
-    facial_hair_prob: float = 0.25
-    yaw_deg: float = 35.0
+    # identity: how different people are
+    shape_spread: float = 0.6  # share of the full human-like range of every face-geometry parameter (0 = alike)
+    colour_spread: float = 0.7  # share of the full range of skin tone, lip, hair and iris colour
+    facial_hair_prob: float = 0.25  # share of identities with stubble, moustache or beard
+    # pose: head rotation in depth (+- degrees), then residual misalignment after 5-point alignment
+    yaw_deg: float = 40.0
     pitch_deg: float = 12.0
     roll_deg: float = 8.0
-    scale_jitter: float = 0.08
-    shift_jitter: float = 0.04
-    light_azimuth_deg: float = 75.0
-    light_elevation_deg: Range = (-20.0, 55.0)
+    scale_jitter: float = 0.08  # relative, +-
+    shift_jitter: float = 0.04  # fraction of the image size, +- in x and y
+    # light: one key light plus ambient (linear units), camera auto-exposure
+    light_azimuth_deg: float = 75.0  # +- from the front
+    light_elevation_deg: Range = (-20.0, 55.0)  # positive = from above
     light_strength: Range = (0.5, 1.2)
     ambient: Range = (0.12, 0.5)
-    white_balance: float = 0.15
-    exposure: Range = (0.7, 1.3)
+    white_balance: float = 0.15  # max relative tint per colour channel
+    exposure: Range = (0.7, 1.3)  # face brightness relative to the auto-exposure target
+    # expression: 0 = neutral only, 1 = full range of smile, mouth opening, brow raise/frown, squint, gaze
     expression: float = 0.7
-    background_texture: float = 0.6
-    occlusion_prob: float = 0.2
-    blur_prob: float = 0.25
-    blur_sigma: Range = (0.4, 1.0)
+    # background and per-sample degradations (probabilities per image)
+    background_texture: float = 0.6  # textured (stripes, blotches, rectangles) rather than smooth
+    occlusion_prob: float = 0.25  # glasses, sunglasses, mask, hat or hand
+    blur_prob: float = 0.3
+    blur_sigma: Range = (0.4, 1.0)  # Gaussian sigma, pixels at the output size
     noise_prob: float = 0.3
-    noise_std: Range = (2.0, 8.0)
+    noise_std: Range = (2.0, 8.0)  # Gaussian noise std, 0..255 units
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -266,9 +255,8 @@ def sample_identity(seed: int, identity: int, config: SyntheticConfig | None = N
     def shape(low: float, high: float) -> float:
         return _spread(rng, low, high, s)
 
-    face_width = shape(0.98, 1.2)
     geometry = dict(
-        face_width=face_width, cheek_width=shape(0.88, 1.0), jaw_width=shape(0.68, 0.95),
+        face_width=shape(0.98, 1.2), cheek_width=shape(0.88, 1.0), jaw_width=shape(0.68, 0.95),
         chin_width=shape(0.18, 0.4), chin_y=shape(1.5, 1.85), skull_top=shape(-2.0, -1.75),
         cheekbones=shape(0.0, 1.0), eye_width=shape(0.2, 0.27), eye_height=shape(0.07, 0.115),
         eye_lower=shape(0.45, 0.8), eye_tilt=shape(-0.1, 0.16), iris_radius=shape(0.085, 0.105),
@@ -282,7 +270,7 @@ def sample_identity(seed: int, identity: int, config: SyntheticConfig | None = N
     )
     hair_style = HAIR_STYLES[rng.choice(len(HAIR_STYLES), p=_HAIR_STYLE_WEIGHTS)]
     has_facial_hair = rng.random() < config.facial_hair_prob
-    facial_hair = FACIAL_HAIR[rng.choice(len(FACIAL_HAIR), p=_FACIAL_HAIR_WEIGHTS)] if has_facial_hair else "none"
+    facial_hair = FACIAL_HAIR[1 + rng.choice(len(FACIAL_HAIR) - 1, p=_FACIAL_HAIR_WEIGHTS)] if has_facial_hair else "none"
 
     tone = _spread(rng, 0.0, 1.0, c) * (len(_SKIN) - 1)
     low = int(min(np.floor(tone), len(_SKIN) - 2))
@@ -291,7 +279,7 @@ def sample_identity(seed: int, identity: int, config: SyntheticConfig | None = N
     skin = _linear(np.clip(skin_srgb, 0, 255))
     lips = skin * np.array([0.95, 0.55, 0.6]) * _spread(rng, 0.7, 1.1, c)
     hair = np.array(_palette(rng, _HAIR, _HAIR_WEIGHTS, 0.2 * c))
-    # brows are darker than the head hair and never lighter than a dark-blond
+    # brows: the hair colour, darkened below the skin tone for light hair (fair brows stay visible)
     brows = np.minimum(hair * 0.7, skin * 0.35) if hair.mean() > skin.mean() * 0.35 else hair
     return FaceIdentity(
         **geometry, hair_style=hair_style, facial_hair=facial_hair,
@@ -369,7 +357,7 @@ def _rotate(points: np.ndarray, angle: float, centre: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Geometry:
-    """Outlines of one posed-expression face, in face units."""
+    """Outlines of one face (the identity's shape with the sample's expression), in face units."""
 
     contour: np.ndarray  # head outline (skull + jaw), closed
     half_width_y: np.ndarray  # rows of the right half of the contour: y
@@ -441,7 +429,7 @@ def _face_geometry(f: FaceIdentity, n: FaceNuisance) -> _Geometry:
     mw = f.mouth_width * (1 + 0.15 * n.smile)
     corner_y = f.mouth_y - 0.08 * n.smile
     corners = np.array([(-mw, corner_y), (mw, corner_y)])
-    gap = 0.13 * n.mouth_open
+    gap = 0.2 * n.mouth_open
     xs = np.linspace(-1, 1, 21)
     stomion = corner_y + (f.mouth_y - corner_y) * (1 - xs**2) + 0.015
     bow = f.upper_lip * (1 - 0.35 * np.exp(-((xs * mw) / 0.06) ** 2))
@@ -468,8 +456,10 @@ def _head_depth(g: _Geometry, f: FaceIdentity, x: np.ndarray, y: np.ndarray, smo
     centre, half_height = (f.skull_top + f.chin_y) / 2, (f.chin_y - f.skull_top) / 2
     v = np.clip(np.abs(y - centre) / half_height, 0, 1)
     if smooth:
-        z = 0.9 * np.cos(np.pi / 2 * r) * np.cos(np.pi / 2 * v) ** 0.5
-        nose = 0.25 * np.exp(-(x / 0.16) ** 2 - ((y - f.nose_length * 0.75) / (0.35 * f.nose_length)) ** 2)
+        # a flat front (super-ellipse) keeps the far eye in view when the head turns; depth in
+        # proportion to the local half-width keeps the jaw from folding over
+        z = 0.85 * hw * np.cbrt(1 - r**3) * np.sqrt(np.cos(np.pi / 2 * v))
+        nose = 0.2 * np.exp(-(x / 0.2) ** 2 - ((y - f.nose_length * 0.75) / (0.35 * f.nose_length)) ** 2)
         return (z + nose).astype(np.float32)
     return (0.9 * np.sqrt(1 - r**2) * (0.35 + 0.65 * np.sqrt(1 - v**2))).astype(np.float32)
 
@@ -687,7 +677,7 @@ def _paint_mouth(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> 
         top = g.mouth_gap[:21]
         height = 0.35 * (g.mouth_gap[28:, 1].max() - top[:, 1].min())
         teeth, _ = c.coverage(np.vstack([top * (0.7, 1.0), top[::-1] * (0.7, 1.0) + (0, height)]), roi=roi)
-        c.paint(teeth * gap, roi, (0.36, 0.33, 0.28), gloss=0.3)
+        c.paint(teeth * gap, roi, (0.26, 0.24, 0.2), gloss=0.3)
     else:
         line, roi = c.coverage(g.mouth_gap[:21], width=0.018, closed=False)
         c.paint(line, roi, np.array(f.lips) * 0.3)
@@ -831,13 +821,12 @@ def _paint_face(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> N
     shade = sum(c.gaussian(0.5 * s, 0.02, 0.3, 0.16) for s in (-1, 1))
     c.albedo *= (1 - 0.12 * shade[..., None])
 
+    alar_crease = _ellipse((-f.nose_width * 0.78, f.nose_length - 0.01), (0.07, 0.08))[14:22]  # image-left ala
     for side in (-1.0, 1.0):
         nostril = _ellipse((side * f.nose_width * 0.5, f.nose_length + 0.045), (0.055, 0.028), 0.35 * side)
         cov, roi = c.coverage(nostril)
         c.paint(cov, roi, skin * 0.25, opacity=0.85)
-        crease = _ellipse((side * f.nose_width * 0.78, f.nose_length - 0.01), (0.07, 0.08), 0.0)[[14, 15, 16, 17, 18, 19, 20, 21]]
-        crease = crease if side < 0 else crease * (-1, 1)
-        cov, roi = c.coverage(crease, width=0.02, closed=False)
+        cov, roi = c.coverage(alar_crease * (-side, 1.0), width=0.02, closed=False)
         c.paint(cov, roi, skin * 0.6, opacity=0.5)
     _paint_mouth(c, f, n, g)
     for i in range(2):
@@ -954,14 +943,35 @@ def _pose(f: FaceIdentity, n: FaceNuisance, g: _Geometry, size: int):
     template = ALIGNED_FIVE_POINTS * (out / ALIGNED_SIZE)
     alignment, _ = cv2.estimateAffinePartial2D(posed.astype(np.float32), template.astype(np.float32), method=cv2.LMEDS)
     to_output = _jitter(n, out) @ np.vstack([alignment, (0.0, 0.0, 1.0)])
-    centres = np.arange(out, dtype=np.float64) + 0.5  # continuous coordinates of the pixel centres
+    # solved at the output size on a grid one pixel wider on each side, then upsampled (the
+    # map is smooth): pixel k of that grid is centred at (k - 1 + 0.5) * _SUPERSAMPLE
+    centres = (np.arange(size + 2, dtype=np.float64) - 0.5) * _SUPERSAMPLE
     ij = np.stack(np.meshgrid(centres, centres), -1)
     q = (ij - to_output[:2, 2]) @ np.linalg.inv(to_output[:2, :2]).T
-    p = q @ a_inv.T
-    for _ in range(4):  # fixed point of p = A^-1 (q - r z(p))
-        p = (q - depth(p) * r) @ a_inv.T
+    # The surface point seen at q is p = p0 - t d with t = z(p): a root of h(t) = t - z(p0 - t d).
+    # Where the turned head folds over itself h has several roots; the largest t is the one
+    # nearest to the camera. Bracket it on a grid of t, then refine by regula falsi.
+    p0, d = q @ a_inv.T, a_inv @ r
+
+    def h(t: np.ndarray) -> np.ndarray:
+        return t - depth(p0 - t[..., None] * d)[..., 0]
+
+    steps = np.linspace(0.0, _MAX_WARP_DEPTH, 12)
+    values = np.stack([h(np.full(q.shape[:-1], t)) for t in steps])
+    k = np.minimum(len(steps) - 2, (len(steps) - 1) - np.argmax((values <= 0)[::-1], axis=0))
+    lo, hi = steps[k], steps[k + 1]
+    h_lo, h_hi = np.take_along_axis(values, k[None], 0)[0], np.take_along_axis(values, k[None] + 1, 0)[0]
+    for _ in range(3):
+        t = lo - h_lo * (hi - lo) / np.where(h_hi - h_lo > 1e-12, h_hi - h_lo, 1.0)
+        h_t = h(t)
+        below = h_t <= 0
+        lo, h_lo = np.where(below, t, lo), np.where(below, h_t, h_lo)
+        hi, h_hi = np.where(below, hi, t), np.where(below, h_hi, h_t)
+    p = (p0 - t[..., None] * d).astype(np.float32)
+    wide = (size + 2) * _SUPERSAMPLE
+    p = cv2.resize(p, (wide, wide), interpolation=cv2.INTER_LINEAR)[_SUPERSAMPLE:-_SUPERSAMPLE, _SUPERSAMPLE:-_SUPERSAMPLE]
     landmarks = posed @ to_output[:2, :2].T + to_output[:2, 2]
-    return p.astype(np.float32), rotation, landmarks
+    return p, rotation, landmarks
 
 
 def _background(n: FaceNuisance, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -1044,21 +1054,33 @@ _MANIFEST = "manifest.json"
 _GROUND_TRUTH = "ground_truth.npz"
 _IN_PROGRESS = ".synthetic-in-progress"
 _IDENTITY_DIR = re.compile(r"\d{5}")
+_IMAGES_PER_WORKER = 200  # images per extra worker before a spawned process (~5-10 s to import) pays off
 
 
 @dataclass(frozen=True)
 class SyntheticGroundTruth:
     """Ground truth of a generated data set, one row per image (identity-major order).
 
-    ``masks``: bool [N, 7, H, W]; ``landmarks``: float32 [N, 5, 2]; ``identities`` /
-    ``samples``: int [N]; ``paths``: the image files.
+    ``packed_masks``: uint8 [N, bytes] bit-packed region masks (unpack with :meth:`masks`);
+    ``landmarks``: float32 [N, 5, 2]; ``identities`` / ``samples``: int [N]; ``paths``: the
+    image files.
     """
 
-    masks: np.ndarray
+    packed_masks: np.ndarray
+    mask_shape: tuple[int, int, int]
     landmarks: np.ndarray
     identities: np.ndarray
     samples: np.ndarray
     paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def masks(self, index: int | slice | np.ndarray) -> np.ndarray:
+        """Region masks of image ``index`` (bool [7, H, W]; [K, 7, H, W] for a slice or array)."""
+        packed = self.packed_masks[index]
+        bits = np.unpackbits(packed, axis=-1, count=int(np.prod(self.mask_shape))).astype(bool)
+        return bits.reshape(*packed.shape[:-1], *self.mask_shape)
 
 
 def _cache_key(n_identities: int, samples_per_identity: int, seed: int, size: int, config: SyntheticConfig,
@@ -1121,7 +1143,9 @@ def generate_dataset(
     read it with :func:`load_ground_truth`) and ``manifest.json`` (arguments, config,
     counts), written last and atomically. A call whose arguments hash to the manifest's key
     returns at once; an incomplete or different folder is regenerated. ``workers``
-    processes render in parallel (default: all CPUs; <= 1 renders in this process).
+    processes render in parallel (default: one per 200 images, at most one per CPU; <= 1
+    renders in this process; workers are spawned, so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard).
     """
     config = config or SyntheticConfig()
     if n_identities < 1 or not 1 <= samples_per_identity <= 1000 or size < 32 or identity_offset < 0:
@@ -1140,7 +1164,8 @@ def generate_dataset(
 
     identities = range(identity_offset, identity_offset + n_identities)
     tasks = [(out, seed, identity, samples_per_identity, size, config) for identity in identities]
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers is None:
+        workers = min(os.cpu_count() or 1, n_identities * samples_per_identity // _IMAGES_PER_WORKER)
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     progress = tqdm(total=n_identities * samples_per_identity, unit="img", desc=f"synthetic faces -> {out}")
     with progress:
@@ -1150,7 +1175,9 @@ def generate_dataset(
                 results[identity] = packed, landmarks
                 progress.update(samples_per_identity)
         else:
-            with Pool(min(workers, n_identities), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+            # spawn: forking a process whose threads (torch, OpenCV) hold locks can deadlock the children
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(workers, n_identities), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
                 for identity, packed, landmarks in pool.imap_unordered(_render_identity, tasks):
                     results[identity] = packed, landmarks
                     progress.update(samples_per_identity)
@@ -1185,10 +1212,9 @@ def load_ground_truth(out_dir: str | os.PathLike) -> SyntheticGroundTruth:
     if _read_manifest(out) is None or not (out / _GROUND_TRUTH).exists():
         raise DataError(f"{out} holds no complete synthetic data set (manifest.json or ground_truth.npz missing)")
     with np.load(out / _GROUND_TRUTH) as data:
-        shape = tuple(int(v) for v in data["mask_shape"])
-        count = int(np.prod(shape))
-        masks = np.unpackbits(data["masks"], axis=1, count=count).astype(bool).reshape(-1, *shape)
         identities, samples = data["identities"], data["samples"]
-        paths = [out / f"{i:05d}" / f"{s:03d}.png" for i, s in zip(identities, samples)]
-        return SyntheticGroundTruth(masks=masks, landmarks=data["landmarks"], identities=identities, samples=samples,
-                                    paths=paths)
+        return SyntheticGroundTruth(
+            packed_masks=data["masks"], mask_shape=tuple(int(v) for v in data["mask_shape"]),
+            landmarks=data["landmarks"], identities=identities, samples=samples,
+            paths=[out / f"{i:05d}" / f"{s:03d}.png" for i, s in zip(identities, samples)],
+        )
