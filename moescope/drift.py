@@ -33,6 +33,7 @@ from torch import nn
 
 from .cka import MIN_BATCH, FeatureMode, StreamingCKA, layer_features, plan_batches
 from .errors import CheckpointError, DataError, MoescopeError
+from .hooks import HookSet
 from .trace import LayerRouting, RoutingTrace
 
 __all__ = [
@@ -70,7 +71,7 @@ def drift_layers(model: nn.Module) -> list[str]:
     return names
 
 
-class FeatureCapture:
+class FeatureCapture(HookSet):
     """Context manager: forward hooks on the named modules record each pass's per-image features.
 
     ``pop()`` after a forward pass gives ``{name: [B, D] features}`` (:func:`~moescope.cka.layer_features`
@@ -78,35 +79,11 @@ class FeatureCapture:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], mode: FeatureMode = "flatten") -> None:
-        self.modules = {name: model.get_submodule(name) for name in names}
+        super().__init__({name: model.get_submodule(name) for name in names})
         self.mode = mode
-        self._handles: list = []
-        self._pending: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "FeatureCapture":
-        try:
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pending.clear()
-
-    def _hook(self, name: str):
-        def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            self._pending[name] = layer_features(output.detach(), self.mode).clone()
-
-        return record
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._pending[name] = layer_features(output.detach(), self.mode).clone()
 
     def pop(self) -> dict[str, torch.Tensor]:
         """The last forward pass's features per module, in the order the modules were given."""

@@ -26,6 +26,8 @@ from torch import nn
 
 from facemoe_model.moe import RouterOutput, select_moe_layers
 
+from .hooks import HookSet
+
 __all__ = ["ExpertUsage", "LayerRouting", "RoutingTrace", "token_frame"]
 
 
@@ -101,7 +103,7 @@ class LayerRouting:
         )
 
 
-class RoutingTrace:
+class RoutingTrace(HookSet):
     """Context manager that records the routing of MoE layers on every forward pass.
 
     Args:
@@ -111,33 +113,7 @@ class RoutingTrace:
 
     def __init__(self, model: nn.Module, layers: Iterable[str] | None = None) -> None:
         self.layers = select_moe_layers(model, layers)
-        self._handles: list = []
-        self._pending: dict[str, RouterOutput] = {}
-
-    def __enter__(self) -> "RoutingTrace":
-        try:
-            for name, layer in self.layers.items():
-                self._handles.append(layer.hook_routing.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pending.clear()
-
-    def _hook(self, name: str):
-        def record(module: nn.Module, inputs, output: RouterOutput) -> None:
-            self._pending[name] = output
-
-        return record
+        super().__init__({name: layer.hook_routing for name, layer in self.layers.items()})
 
     def pop_raw(self) -> dict[str, RouterOutput]:
         """The layers' :class:`RouterOutput` of the last forward pass (tensors as computed)."""
