@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 from torch import nn
@@ -141,10 +141,15 @@ class EvaluationData:
     pairs: VerificationPairs | None = None
 
     @property
+    def datasets(self) -> list[LabelledImages]:
+        """The image sets of all protocols: gallery, probes, pair images."""
+        split = [self.split.gallery, self.split.probe] if self.split is not None else []
+        return split + ([self.pairs] if self.pairs is not None else [])
+
+    @property
     def images(self) -> int:
-        """Distinct image entries evaluated (gallery + probes + pair images)."""
-        split = len(self.split.gallery) + len(self.split.probe) if self.split is not None else 0
-        return split + (len(self.pairs) if self.pairs is not None else 0)
+        """Distinct images of all protocols (an image of both the split and the pairs counts once)."""
+        return len({source for images in self.datasets for source in images.sources})
 
 
 def load_protocols(
@@ -214,6 +219,7 @@ def write_split(
     *,
     gallery_per_identity: int = 1,
     impostor_pairs: int | None = None,
+    impostor_group: Callable[[str], Hashable] | None = None,
     seed: int = 0,
 ) -> Path:
     """Turn an identity folder (``<id>/<image>``) into an evaluation folder with verification pairs.
@@ -223,6 +229,9 @@ def write_split(
     an identity's images, gallery images first, and as many impostor pairs (default) drawn with
     ``seed`` between different identities; pairs are shuffled so the 10 consecutive folds mix
     both kinds. Identities with fewer than ``gallery_per_identity + 1`` images are refused.
+
+    ``impostor_group`` maps an identity name to a group (e.g. its hair style): impostor pairs
+    then join two identities of the same group — look-alikes, as in CPLFW — instead of any two.
     """
     source, out = Path(identity_folder), Path(out_dir)
     identities = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")) if source.is_dir() else []
@@ -240,9 +249,17 @@ def write_split(
             atomic_path(out / side / folder.name / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
             images[folder.name].append(f"{side}/{folder.name}/{file.name}")
     genuine = [(a, b, 1) for paths in images.values() for i, a in enumerate(paths) for b in paths[i + 1 :]]
-    names = list(images)
+    groups: dict[Hashable, list[str]] = {}
+    for name in images:
+        groups.setdefault(impostor_group(name) if impostor_group else None, []).append(name)
+    groups = {key: names for key, names in groups.items() if len(names) >= 2}
+    if not groups:
+        raise DataError(f"{source}: no two identities share an impostor group")
+    group_names = list(groups)
+    group_weights = np.array([len(groups[key]) for key in group_names], dtype=np.float64)
     impostors = []
     for _ in range(len(genuine) if impostor_pairs is None else impostor_pairs):
+        names = groups[group_names[rng.choice(len(group_names), p=group_weights / group_weights.sum())]]
         first, second = rng.choice(len(names), size=2, replace=False)
         impostors.append((rng.choice(images[names[first]]), rng.choice(images[names[second]]), 0))
     pairs = genuine + impostors

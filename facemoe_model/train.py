@@ -30,7 +30,6 @@ reseeded at every epoch — so resuming from ``last.pt`` reproduces an uninterru
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -147,10 +146,6 @@ class TrainImages(Dataset):
         self.images = images
         self.seed, self.size, self.lowres, self.hflip = seed, size, lowres, hflip
         self.epoch = 0
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.images.classes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

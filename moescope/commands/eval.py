@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     split = args.split if (args.split or args.pairs or args.bin) else demo_split_dir()
     data = load_protocols(split=split, pairs=args.pairs, root=args.root, bin_file=args.bin, size=model.img_size)
     figures = evaluate(model, data, batch_size=args.batch_size, flip=not args.no_flip, probe_transform=probe_transform)
-    sets = ([data.split.gallery, data.split.probe] if data.split else []) + ([data.pairs] if data.pairs else [])
-    warnings = [w for w in (s.skip_summary for s in sets) if w]
+    warnings = [summary for images in data.datasets if (summary := images.skip_summary)]
     settings = {"lowres": args.lowres, "batch_size": args.batch_size, "flip": not args.no_flip,
                 "probe_transform": repr(probe_transform) if probe_transform else None}
     emit(evaluation_result(args.checkpoint or "demo:after", data, figures, settings, warnings), args, render)

@@ -104,11 +104,11 @@ def synthetic_config(spec: str | None):
 
     if not spec:
         return SyntheticConfig()
-    if Path(spec).is_file():
+    if "=" not in spec:
         try:
             values = json.loads(Path(spec).read_text())
         except (OSError, ValueError) as exc:
-            raise MoescopeError(f"--synthetic-config {spec}: not a readable JSON file ({exc})") from None
+            raise MoescopeError(f"--synthetic-config {spec}: not KEY=VALUE items nor a readable JSON file ({exc})") from None
         if not isinstance(values, dict):
             raise MoescopeError(f"--synthetic-config {spec}: expected a JSON object of SyntheticConfig fields")
     else:
