@@ -403,7 +403,8 @@ def train(
     rows: list[dict[str, Any]] = []
     step, elapsed = 0, 0.0
     if state is not None:
-        objective.load_state_dict({**{f"backbone.{k}": v for k, v in state["state_dict"].items()}, **{f"head.{k}": v for k, v in state["train"]["head"].items()}})
+        model.load_state_dict(state["state_dict"])
+        head.load_state_dict(state["train"]["head"])
         optimisation.load_state_dict(state["train"])
         head_start, step, elapsed, rows = state["metadata"]["margin_head"], state["train"]["step"], state["train"]["elapsed"], list(state["train"]["log"])
     trainer = objective

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from moescope.cache import cache_dir
 from moescope.errors import DataError
 from moescope.results import atomic_write
 
@@ -206,8 +207,7 @@ def _detect_many(images: list[np.ndarray], workers: int) -> Iterator[np.ndarray 
 
 def default_cache_dir() -> Path:
     """``$MOESCOPE_CACHE/landmarks``, or ``~/.cache/moescope/landmarks`` when the variable is unset."""
-    root = os.environ.get("MOESCOPE_CACHE") or Path.home() / ".cache" / "moescope"
-    return Path(root).expanduser() / "landmarks"
+    return cache_dir("landmarks")
 
 
 def _cache_key(image: np.ndarray) -> str:

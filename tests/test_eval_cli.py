@@ -48,11 +48,19 @@ def test_eval_reproduces_the_figures_recorded_in_the_demo_checkpoints(name, lowr
 
 
 def test_demo_tells_the_low_resolution_story():
+    """before: good, not saturated on HR, clearly worse on 16x16 probes; after: recovers much of that gap, keeps HR."""
     before, after = (demo_metadata(name)["validation"] for name in ("before", "after"))
-    for protocol, figure, chance in (("identification", "Rank-1", 0.01), ("verification", "accuracy", 0.5)):
-        assert before["hr"][protocol][figure] > before["lr16"][protocol][figure] > chance + 0.1
-        assert after["lr16"][protocol][figure] > before["lr16"][protocol][figure]
-        assert after["hr"][protocol][figure] > before["lr16"][protocol][figure]
+    rank1 = {(model, setting): figures[setting]["identification"]["Rank-1"]
+             for model, figures in (("before", before), ("after", after)) for setting in ("hr", "lr16")}
+    gap = rank1["before", "hr"] - rank1["before", "lr16"]
+    assert 0.5 < rank1["before", "hr"] < 0.95 and gap > 0.1
+    assert rank1["after", "lr16"] - rank1["before", "lr16"] > gap / 3
+    assert rank1["after", "hr"] > rank1["before", "hr"] - 0.05
+    for figures in (before, after):
+        for setting in ("hr", "lr16"):
+            assert figures[setting]["identification"]["Rank-1"] > 10 * 0.01  # 100 gallery identities
+            assert figures[setting]["verification"]["accuracy"] > 0.75  # balanced pairs: chance 0.5
+    assert after["lr16"]["verification"]["TAR@FAR=1e-01"] > before["lr16"]["verification"]["TAR@FAR=1e-01"]
     assert demo_metadata("after")["init"].endswith("before.pt")
     for name in ("before", "after"):
         meta = demo_metadata(name)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from ..cli import add_output_options, emit
+from ..cache import cache_dir
 from ..errors import MoescopeError
 
 DEFAULTS = dict(model="facemoe_swin_tiny", head="cosface", epochs=10, batch_size=64, lr=1e-3, weight_decay=0.05,
@@ -137,8 +137,7 @@ def _synthetic_images(spec: str, config, seed: int, context):
     description = {"kind": "synthetic", "identities": identities, "samples_per_identity": samples, "seed": seed,
                    "identity_offset": 0, "config": asdict(config)}
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("MOESCOPE_CACHE") or Path.home() / ".cache" / "moescope").expanduser()
-    folder = cache / "synthetic" / f"{identities}x{samples}-seed{seed}-{digest}"
+    folder = cache_dir("synthetic", f"{identities}x{samples}-seed{seed}-{digest}")
     if context.is_main:
         generate_dataset(folder, identities, samples, seed=seed, config=config)
     context.barrier()
