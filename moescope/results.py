@@ -27,23 +27,15 @@ def _default_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _default_mode())
-        with os.fdopen(fd, mode) as fh:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_path(path, write)
 
 
 def atomic_path(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 
 from facemoe_model.evaluate import consecutive_folds
 from moescope.errors import DataError
-from moescope.landmarks import IMAGE_EXTENSIONS
 
 __all__ = [
     "INPUT_SIZE",
@@ -175,11 +174,7 @@ class ImageFolder(LabelledImages):
         root = Path(root)
         folders = _identity_folders(root)
         candidates = [(path, label) for label, folder in enumerate(folders) for path in _visible_files(folder)]
-        stray = [
-            (p, "not inside an identity folder")
-            for p in sorted(root.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        stray = [(p, "not inside an identity folder") for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
         super().__init__(candidates, [f.name for f in folders], root, size, transform, stray)
         self._warn_skipped()
 
