@@ -99,3 +99,15 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     proc = moescope("regions", tmp_path / "missing.pt")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("moescope: error: checkpoint not found")
+
+
+def test_export_tokens_parquet(photo_dir, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "tokens.parquet"
+    status = main(["regions", str(tiny_ckpt), "--data", str(photo_dir / "lfw"), "--bootstrap", "0", "--export-tokens", str(out), "--layers", "layers.2"])
+    assert status == 0, capsys.readouterr().err
+    import pandas as pd
+
+    frame = pd.read_parquet(out)
+    assert set(frame["layer"]) == {"layers.2.blocks.0.mlp", "layers.2.blocks.1.mlp"}
+    assert len(frame) == frame["image"].nunique() * 2 * 25
+    assert frame["row"].between(0, 4).all() and frame["col"].between(0, 4).all()
