@@ -24,6 +24,11 @@ def add_output_options(parser: argparse.ArgumentParser, seed: bool = True) -> No
         parser.add_argument("--seed", type=int, default=0, help="random seed (bootstrap, random routing ...); default 0")
 
 
+def add_top_k_option(parser: argparse.ArgumentParser) -> None:
+    """``--top-k``: experts per token for official checkpoints, which do not store it."""
+    parser.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
+
+
 def split_names(values: list[str] | None) -> list[str] | None:
     """Names from repeatable, comma-separated options (``--layers a,b --layers c``); None if none."""
     names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..cli import add_output_options, emit, split_names
+from ..cli import add_output_options, add_top_k_option, emit, split_names
 from ..errors import MoescopeError
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lowres", type=int, metavar="S", help="down-sample probes (second image of each pair) to S x S px and back, as eval --lowres")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
     p.add_argument("--no-flip", action="store_true", help="embed images alone instead of fusing them with their mirror image")
-    p.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
+    add_top_k_option(p)
     add_output_options(p)
     p.set_defaults(run=run)
 

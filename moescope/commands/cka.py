@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, emit
+from ..cli import add_output_options, add_top_k_option, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per HSIC batch (>= 4); default 16")
     p.add_argument("--last-batch", choices=("fold", "drop"), default="fold",
                    help="a last batch of 1-3 images is folded into the previous one (default) or dropped")
-    p.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
+    add_top_k_option(p)
     add_output_options(p, seed=False)
     p.set_defaults(run=run)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..cli import add_output_options, emit
+from ..cli import add_output_options, add_top_k_option, emit
 from ..errors import MoescopeError
 
 
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lowres", type=int, metavar="S", help="down-sample probes (second image of each pair) to S x S px and back; the gallery stays as is")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
     p.add_argument("--no-flip", action="store_true", help="embed images alone instead of fusing them with their mirror image")
-    p.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
+    add_top_k_option(p)
     add_output_options(p, seed=False)
     p.set_defaults(run=run)
 

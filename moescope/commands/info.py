@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, emit
+from ..cli import add_output_options, add_top_k_option, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: format, architecture, MoE layers")
     p.add_argument("checkpoint", nargs="?", help="checkpoint path or demo:before/demo:after (default demo:after)")
-    p.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
+    add_top_k_option(p)
     add_output_options(p, seed=False)
     p.set_defaults(run=run)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, emit, split_names
+from ..cli import add_output_options, add_top_k_option, emit, split_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--assign", choices=("soft", "majority"), default="soft", help="token->region by area fractions (default) or majority label")
     p.add_argument("--region-source", choices=("landmarks", "template"), default="landmarks",
                    help="images without a detected face: skip (landmarks, default) or label from the aligned-face template")
-    p.add_argument("--top-k", type=int, help="experts per token for official checkpoints (default 2)")
+    add_top_k_option(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples over images for 95%% intervals (0 = off)")
     p.add_argument("--export-tokens", metavar="FILE", help="also write every token's routing to FILE (.parquet or .csv); memory grows with images")
