@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from moescope.errors import CheckpointError
-from moescope.results import atomic_path
+from .errors import CheckpointError
+from .fileio import atomic_path
 
 from .models import create_model
 

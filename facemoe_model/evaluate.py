@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from moescope.errors import DataError
+from .errors import DataError
 
 __all__ = [
     "FARS",

@@ -28,8 +28,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Subset
 
-from moescope.errors import DataError
-from moescope.results import atomic_path, atomic_write
+from .errors import DataError
+from .fileio import atomic_path, atomic_write
 
 from .data.datasets import INPUT_SIZE, GalleryProbe, LabelledImages, VerificationPairs, gallery_probe_split
 from .data.transforms import DownUp

@@ -47,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from moescope.errors import MoescopeError
-from moescope.results import atomic_write
+from .errors import InputError
+from .fileio import atomic_write
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data.datasets import LabelledImages, preprocess
@@ -186,7 +186,7 @@ class ExpertLoadMeter:
     def __init__(self, model: nn.Module) -> None:
         self.layers = moe_layers(model)
         if not self.layers:
-            raise MoescopeError("the model has no MoE layers to train")
+            raise InputError("the model has no MoE layers to train")
         self.counts = {name: torch.zeros(layer.num_experts, dtype=torch.int64) for name, layer in self.layers.items()}
         self._handles = [layer.hook_routing.register_forward_hook(self._observer(name)) for name, layer in self.layers.items()]
 
@@ -305,7 +305,7 @@ def _initial_model(config: TrainConfig, init: str | Path | None) -> tuple[nn.Mod
     try:
         return create_model(config.model, **config.model_args).train(), config
     except (KeyError, TypeError, ValueError) as exc:
-        raise MoescopeError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot build model {config.model!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _initial_head(config: TrainConfig, model: nn.Module, classes: list[str], init: str | Path | None) -> tuple[nn.Module, str]:
@@ -326,11 +326,11 @@ def _resume_state(run_dir: Path, resume: bool, config: TrainConfig) -> dict[str,
     if not last_path.exists():
         return None
     if not resume:
-        raise MoescopeError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another folder")
+        raise InputError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another folder")
     state = read_checkpoint(last_path)
     changed = sorted(k for k, v in config.to_dict().items() if state["train"]["config"].get(k) != v)
     if changed:
-        raise MoescopeError(f"cannot resume {last_path}: training option(s) {', '.join(changed)} differ from the saved run")
+        raise InputError(f"cannot resume {last_path}: training option(s) {', '.join(changed)} differ from the saved run")
     return state
 
 
@@ -398,7 +398,7 @@ def train(
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=context.device.type == "cuda")
     if len(loader) == 0:
-        raise MoescopeError(f"{len(dataset)} training images are fewer than one batch of {config.batch_size} x {context.world_size} process(es); lower --batch-size")
+        raise InputError(f"{len(dataset)} training images are fewer than one batch of {config.batch_size} x {context.world_size} process(es); lower --batch-size")
     optimisation = _Optimisation(objective, config, len(loader), amp=context.device.type == "cuda")
     rows: list[dict[str, Any]] = []
     step, elapsed = 0, 0.0

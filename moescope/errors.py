@@ -1,23 +1,13 @@
-"""User-facing errors: one line, no traceback, non-zero exit from the CLI."""
+"""User-facing errors: one line, no traceback, exit status 2 from the CLI.
+
+The classes live in :mod:`facemoe_model.errors` (the model package stands alone);
+``MoescopeError`` is their common base, :class:`facemoe_model.errors.InputError`.
+"""
 from __future__ import annotations
 
+from facemoe_model.errors import CheckpointError, DataError, InputError
 
-class MoescopeError(Exception):
-    """An error caused by the user's input (file, option, data).
+MoescopeError = InputError
+"""Base of every error caused by the user's input; the CLI prints it as ``moescope: error: ...``."""
 
-    The CLI prints ``moescope: error: <message>`` on one line and exits with status 2.
-    Messages must be a single line that names the offending input.
-    """
-
-    exit_code = 2
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-class CheckpointError(MoescopeError):
-    """A checkpoint file is missing, corrupt, unsafe or of the wrong architecture."""
-
-
-class DataError(MoescopeError):
-    """Images or protocol files are missing, unreadable or empty."""
+__all__ = ["MoescopeError", "CheckpointError", "DataError"]

@@ -28,9 +28,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from moescope.cache import cache_dir
-from moescope.errors import DataError
-from moescope.results import atomic_write
+from facemoe_model.errors import DataError
+from facemoe_model.fileio import atomic_write
+from facemoe_model.geometry import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
+
+from .cache import cache_dir
 
 __all__ = [
     "ALIGNED_FIVE_POINTS",
@@ -71,12 +73,6 @@ DETECTION_SETTINGS: dict[str, Any] = {
 # Uncached images per extra worker process before a Pool pays for its start-up (~1 s per worker).
 MIN_IMAGES_PER_WORKER = 200
 
-# The standard ArcFace/insightface five points (eye centres, nose tip, mouth corners; image-left
-# first) of a 112x112 aligned face crop: the frame of the aligned-face template.
-ALIGNED_SIZE = 112
-ALIGNED_FIVE_POINTS = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
-)
 TEMPLATE_ASSET = "face_template_468.npy"
 NOSE_TIP, MOUTH_CORNERS = 1, (61, 291)
 

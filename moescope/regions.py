@@ -24,13 +24,12 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from moescope.landmarks import MOUTH_CORNERS, NOSE_TIP, NUM_LANDMARKS, five_points, landmark_set
+from facemoe_model.geometry import JAW_BAND, PRECEDENCE, REGIONS
+
+from .landmarks import MOUTH_CORNERS, NOSE_TIP, NUM_LANDMARKS, five_points, landmark_set
 
 __all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_to_grid", "region_labels", "region_masks"]
 
-REGIONS = ("eyes", "nose", "mouth", "forehead", "cheeks", "chin_jawline", "hair_background")
-PRECEDENCE = ("hair_background", "eyes", "nose", "mouth", "chin_jawline", "forehead", "cheeks")
-JAW_BAND = 0.15
 
 _SUBPIXEL_BITS = 8
 

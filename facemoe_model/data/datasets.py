@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facemoe_model.evaluate import consecutive_folds
-from moescope.errors import DataError
+from ..errors import DataError
+from ..evaluate import consecutive_folds
 
 __all__ = [
     "INPUT_SIZE",

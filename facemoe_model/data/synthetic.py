@@ -29,10 +29,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from moescope.errors import DataError, MoescopeError
-from moescope.landmarks import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
-from moescope.regions import JAW_BAND, PRECEDENCE, REGIONS
-from moescope.results import atomic_path, atomic_write
+from ..errors import DataError, InputError
+from ..fileio import atomic_path, atomic_write
+from ..geometry import ALIGNED_FIVE_POINTS, ALIGNED_SIZE, JAW_BAND, PRECEDENCE, REGIONS
 
 from .transforms import GaussianNoise, gaussian_blur
 
@@ -124,20 +123,20 @@ class SyntheticConfig:
             value = getattr(self, f.name)
             if isinstance(value, (list, tuple)):
                 if len(value) != 2 or not value[0] <= value[1]:
-                    raise MoescopeError(f"SyntheticConfig.{f.name} must be a (low, high) range, got {value}")
+                    raise InputError(f"SyntheticConfig.{f.name} must be a (low, high) range, got {value}")
                 object.__setattr__(self, f.name, (float(value[0]), float(value[1])))
             elif value < 0:
-                raise MoescopeError(f"SyntheticConfig.{f.name} must be >= 0, got {value}")
+                raise InputError(f"SyntheticConfig.{f.name} must be >= 0, got {value}")
         for name in ("facial_hair_prob", "expression", "background_texture", "occlusion_prob", "blur_prob", "noise_prob"):
             if getattr(self, name) > 1:
-                raise MoescopeError(f"SyntheticConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"SyntheticConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SyntheticConfig":
         """Rebuild a config from :func:`dataclasses.asdict` output (e.g. a dataset manifest)."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise MoescopeError(f"unknown SyntheticConfig field(s): {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown SyntheticConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**values)
 
 
@@ -1117,7 +1116,7 @@ def _clear_stale(out: Path) -> None:
     """Remove a previous generation's files; refuse folders that hold something else."""
     ours = (out / _MANIFEST).exists() or (out / _IN_PROGRESS).exists()
     if not ours and out.exists() and any(out.iterdir()):
-        raise MoescopeError(f"{out} is not empty and holds no synthetic data set; choose an empty or new folder")
+        raise InputError(f"{out} is not empty and holds no synthetic data set; choose an empty or new folder")
     for child in out.iterdir() if out.exists() else ():
         if child.is_dir() and _IDENTITY_DIR.fullmatch(child.name):
             shutil.rmtree(child)
@@ -1149,7 +1148,7 @@ def generate_dataset(
     """
     config = config or SyntheticConfig()
     if n_identities < 1 or not 1 <= samples_per_identity <= 1000 or size < 32 or identity_offset < 0:
-        raise MoescopeError(
+        raise InputError(
             f"invalid data set size: n_identities={n_identities}, samples_per_identity={samples_per_identity} "
             f"(1..1000), size={size} (>= 32), identity_offset={identity_offset} (>= 0)"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from moescope.errors import DataError, MoescopeError
+from ..errors import DataError, InputError
 
 __all__ = [
     "INTERPOLATIONS",
@@ -42,19 +42,19 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 
 def _check_interpolation(name: str) -> str:
     if name not in INTERPOLATIONS:
-        raise MoescopeError(f"unknown interpolation {name!r}; choose from {', '.join(INTERPOLATIONS)}")
+        raise InputError(f"unknown interpolation {name!r}; choose from {', '.join(INTERPOLATIONS)}")
     return name
 
 
 def _check_range(name: str, low: float, high: float, minimum: float, maximum: float) -> tuple[float, float]:
     if not minimum <= low <= high <= maximum:
-        raise MoescopeError(f"{name} must satisfy {minimum} <= low <= high <= {maximum}, got ({low}, {high})")
+        raise InputError(f"{name} must satisfy {minimum} <= low <= high <= {maximum}, got ({low}, {high})")
     return low, high
 
 
 def _check_probability(name: str, p: float) -> float:
     if not 0.0 <= p <= 1.0:
-        raise MoescopeError(f"{name} must be in [0, 1], got {p}")
+        raise InputError(f"{name} must be in [0, 1], got {p}")
     return p
 
 
@@ -99,7 +99,7 @@ class DownUp:
         rng: np.random.Generator | int | None = None,
     ) -> None:
         if size < 1:
-            raise MoescopeError(f"down-sampling size must be >= 1, got {size}")
+            raise InputError(f"down-sampling size must be >= 1, got {size}")
         self.size = int(size)
         self.interpolation = None if interpolation is None else _check_interpolation(interpolation)
         self.interpolations = tuple(_check_interpolation(name) for name in interpolations)
@@ -120,7 +120,7 @@ class GaussianBlur:
 
     def __init__(self, sigma: float) -> None:
         if sigma < 0:
-            raise MoescopeError(f"blur sigma must be >= 0, got {sigma}")
+            raise InputError(f"blur sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -135,7 +135,7 @@ class JpegCompression:
 
     def __init__(self, quality: int) -> None:
         if not 1 <= quality <= 100:
-            raise MoescopeError(f"JPEG quality must be in 1..100, got {quality}")
+            raise InputError(f"JPEG quality must be in 1..100, got {quality}")
         self.quality = int(quality)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -150,7 +150,7 @@ class GaussianNoise:
 
     def __init__(self, std: float, rng: np.random.Generator | int | None = None) -> None:
         if std < 0:
-            raise MoescopeError(f"noise std must be >= 0, got {std}")
+            raise InputError(f"noise std must be >= 0, got {std}")
         self.std = float(std)
         self.rng = np.random.default_rng(rng)
 
@@ -185,7 +185,7 @@ class RandomLowResolution:
     ) -> None:
         self.size_range = tuple(int(v) for v in _check_range("size_range", *size_range, 1, np.inf))
         if not interpolations:
-            raise MoescopeError("interpolations must name at least one interpolation")
+            raise InputError("interpolations must name at least one interpolation")
         self.interpolations = tuple(_check_interpolation(name) for name in interpolations)
         self.blur_prob = _check_probability("blur_prob", blur_prob)
         self.blur_sigma = _check_range("blur_sigma", *blur_sigma, 0.0, np.inf)
