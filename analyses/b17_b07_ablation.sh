@@ -3,4 +3,4 @@
 set -euo pipefail
 AFTER=${AFTER:-demo:after}
 OUT=${OUT:-results/b17_b07}
-moescope ablate "$AFTER" ${DATA:+--data "$DATA"} --drop singles --drop pairs --switch --random --seed 0 --out "$OUT"
+moescope ablate "$AFTER" ${DATA:+--split "$DATA"} --drop singles --drop pairs --switch --random --seed 0 --out "$OUT"

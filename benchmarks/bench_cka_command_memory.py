@@ -1,6 +1,6 @@
 """Peak memory of the drift analysis behind ``moescope cka`` as the number of images grows 10x.
 
-Each image count runs :func:`moescope.drift.analyse_drift` (two checkpoints of one architecture,
+Each image count runs :func:`moescope.runners.drift.analyse_drift` (two checkpoints of one architecture,
 every layer's CKA, expert shift, routing agreement) in its own subprocess, which reports its
 peak resident set size (``ru_maxrss``) in total and above its peak after a one-batch warm-up
 (imports, models, first forward passes). Images are real LFW face crops from scikit-image
@@ -50,10 +50,8 @@ def child(workload: str, folder: Path, n_images: int, args: argparse.Namespace) 
     import torch
 
     from facemoe_model import create_model
-    from facemoe_model.data.datasets import preprocess
-    from moescope.drift import analyse_drift
-    from moescope.faces import list_images
-    from moescope.landmarks import load_image
+    from facemoe_model.data.images import list_images, preprocess, read_image
+    from moescope.runners.drift import analyse_drift
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -75,7 +73,7 @@ def child(workload: str, folder: Path, n_images: int, args: argparse.Namespace) 
     def forward(images: list[Path]) -> float:
         with torch.inference_mode():
             for start in range(0, len(images), args.batch_size):
-                x = torch.stack([preprocess(load_image(p), before.img_size) for p in images[start : start + args.batch_size]])
+                x = torch.stack([preprocess(read_image(p), before.img_size) for p in images[start : start + args.batch_size]])
                 before(x), after(x)
         return float("nan")
 
@@ -115,7 +113,7 @@ def main() -> None:
     small, large = args.images
     with tempfile.TemporaryDirectory(prefix="bench-cka-") as tmp:
         write_images(Path(tmp), max(small, large))
-        print(f"moescope.drift.analyse_drift, {args.model}, features={args.features}, batches of {args.batch_size}, "
+        print(f"moescope.runners.drift.analyse_drift, {args.model}, features={args.features}, batches of {args.batch_size}, "
               f"{args.threads} thread(s)")
         print(f"{'allocator':<21} {'workload':<8} {'images':>7} {'peak RSS MiB':>13} {'above warm-up MiB':>18} {'seconds':>8} {'mean CKA':>9}")
         ratios = {}

@@ -3,7 +3,7 @@
 Each setting runs in its own subprocess and reports its peak resident set size (``ru_maxrss``),
 both in total and above the process's peak right after importing torch and moescope. Settings:
 
-- ``streaming``: :class:`moescope.cka.StreamingCKA` fed batch by batch (what ``moescope cka`` does);
+- ``streaming``: :class:`moescope.stats.cka.StreamingCKA` fed batch by batch (what ``moescope cka`` does);
 - ``keep-all``: every batch's features kept, then one full batch per layer (memory grows with N).
 
 Usage: python benchmarks/bench_cka_memory.py [--images 64 640] [--layers 25] [--tokens 25] [--channels 96]
@@ -28,7 +28,7 @@ def child(setting: str, n_images: int, layers: int, tokens: int, channels: int, 
     import torch
 
     sys.path.insert(0, str(REPO))
-    from moescope.cka import StreamingCKA, plan_batches
+    from moescope.stats.cka import StreamingCKA, plan_batches
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)

@@ -17,12 +17,13 @@ import matplotlib.cbook
 import numpy as np
 import skimage.data
 
-from moescope.landmarks import detect_landmarks, load_image
+from facemoe_model.data.images import read_image
+from moescope.landmarks import detect_landmarks
 
 
 def images() -> list[np.ndarray]:
     grey = np.round(skimage.data.lfw_subset()[:100] * 255).astype(np.uint8)
-    grace_hopper = load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    grace_hopper = read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     return [np.repeat(face[..., None], 3, axis=2) for face in grey] + [skimage.data.astronaut(), grace_hopper]
 
 

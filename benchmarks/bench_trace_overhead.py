@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from facemoe_model import create_model
-from moescope.demo import load_model
+from moescope.demo import DEFAULT_CHECKPOINT, load_model
 from moescope.errors import MoescopeError
 from moescope.trace import RoutingTrace
 
@@ -23,7 +23,7 @@ from _timing import interleaved_medians
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="demo:after", help="checkpoint to time (falls back to a random facemoe_swin_tiny)")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint to time (falls back to a random facemoe_swin_tiny)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()

@@ -16,7 +16,7 @@ import numpy as np
 import skimage.data
 
 from moescope.landmarks import TEMPLATE_ASSET, build_template, detect_landmarks
-from moescope.results import atomic_write
+from facemoe_model.fileio import atomic_write
 
 LFW_FACES = 100  # lfw_subset(): the first 100 of its 200 crops are faces, the rest are not
 

@@ -1,4 +1,4 @@
-"""Loading and saving FaceMoE checkpoints — official ``model.pt`` files and moescope's own.
+"""Loading and saving FaceMoE checkpoints — official ``model.pt`` files and the package's own.
 
 Two formats are accepted, both read with ``torch.load(..., weights_only=True)`` so nothing
 can unpickle arbitrary objects:
@@ -8,13 +8,15 @@ can unpickle arbitrary objects:
   the keys and shapes alone (:func:`infer_official_config`); ``top_k`` is not stored in such
   a file and defaults to 2 (override with ``top_k=``). A dict wrapping such a state_dict under
   ``state_dict`` or ``model`` is accepted too.
-* **moescope** — ``{"format": "moescope.facemoe", "version": 1, "config": {"name": ..., **kwargs},
+* **facemoe** — ``{"format": "facemoe", "version": 1, "config": {"name": ..., **kwargs},
   "state_dict": ..., "metadata": {...}}`` written by :func:`save_checkpoint`; ``config`` is
-  everything ``create_model`` needs to rebuild the model.
+  everything ``create_model`` needs to rebuild the model. Files written before the model
+  package stood alone (the bundled demo checkpoints among them) name the same layout
+  ``"moescope.facemoe"``; they load unchanged (:data:`LEGACY_FORMATS`).
 
 Every problem — missing file, truncated/corrupt file, pickled code, unknown layout, missing
 or unexpected keys, shape mismatches, inconsistent expert counts — raises
-:class:`~moescope.errors.CheckpointError` with a one-line message naming it.
+:class:`~facemoe_model.errors.CheckpointError` with a one-line message naming it.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ from torch import nn
 
 from .errors import CheckpointError
 from .fileio import atomic_path
-
 from .models import create_model
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "infer_official_config", "CHECKPOINT_FORMAT"]
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "infer_official_config", "CHECKPOINT_FORMAT", "LEGACY_FORMATS"]
 
-CHECKPOINT_FORMAT = "moescope.facemoe"
+CHECKPOINT_FORMAT = "facemoe"
+"""The ``format`` entry :func:`save_checkpoint` writes (and ``model.checkpoint_format`` of such a file)."""
+LEGACY_FORMATS = frozenset({"moescope.facemoe"})
+"""Earlier names of the same layout, still read."""
 CHECKPOINT_VERSION = 1
 # Buffers the official files store that our modules derive (timm keeps them non-persistent);
 # they are checked for equality on load instead of being loaded.
@@ -68,11 +72,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _state_dict_of(obj: Mapping[str, Any], path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None, dict]:
-    if obj.get("format") == CHECKPOINT_FORMAT:
+    if obj.get("format") == CHECKPOINT_FORMAT or obj.get("format") in LEGACY_FORMATS:
         for key in ("config", "state_dict"):
             if key not in obj:
-                raise CheckpointError(f"{path} is a moescope checkpoint without {key!r}")
-        return "moescope", dict(obj["state_dict"]), dict(obj["config"]), dict(obj.get("metadata", {}))
+                raise CheckpointError(f"{path} is a FaceMoE checkpoint without {key!r}")
+        return CHECKPOINT_FORMAT, dict(obj["state_dict"]), dict(obj["config"]), dict(obj.get("metadata", {}))
     for wrapper in ("state_dict", "model"):
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -177,11 +181,11 @@ def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: 
     """Build the model a checkpoint describes and load its weights; returned in ``eval()`` mode.
 
     Args:
-        path: an official ``model.pt`` (bare state_dict) or a moescope checkpoint.
+        path: an official ``model.pt`` (bare state_dict) or a checkpoint :func:`save_checkpoint` wrote.
         top_k: experts per token (official files do not store it: default 2).
         overrides: further constructor arguments (e.g. ``weighting="softmax"``).
 
-    The model gets ``checkpoint_path``, ``checkpoint_format`` (``"official"``/``"moescope"``)
+    The model gets ``checkpoint_path``, ``checkpoint_format`` (``"official"``/``"facemoe"``)
     and ``checkpoint_metadata`` attributes.
     """
     path = Path(path)
@@ -194,7 +198,7 @@ def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: 
         config = dict(config)
         name = config.pop("name", None)
         if name is None:
-            raise CheckpointError(f"{path}: moescope checkpoint config has no model 'name'")
+            raise CheckpointError(f"{path}: checkpoint config has no model 'name'")
         kwargs = config
         if top_k is not None:
             kwargs["top_k"] = top_k
@@ -219,7 +223,7 @@ def save_checkpoint(
     half: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` as a moescope checkpoint, atomically.
+    """Write ``model`` as a ``"facemoe"`` checkpoint, atomically.
 
     ``metadata`` must hold plain types (str, numbers, lists, dicts) so the file loads with
     ``weights_only=True``; ``half=True`` stores floating tensors as float16 (bundled demo);

@@ -1,4 +1,4 @@
-"""Face-recognition evaluation protocols (ANALYSES.md, "Evaluation protocols").
+"""Face-recognition evaluation protocols (docs/analyses.md, "Evaluation protocols").
 
 - Embeddings: flip-fused (image + horizontal flip, summed) and L2-normalised.
 - Verification: cosine similarity of each pair; 10-fold accuracy with the threshold chosen on
@@ -9,7 +9,7 @@ Accuracies, TAR and Rank-k are fractions in [0, 1].
 """
 from __future__ import annotations
 
-import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
+from .inference import run_batches
 
 __all__ = [
     "FARS",
@@ -45,35 +46,35 @@ RANKS: tuple[int, ...] = (1, 5, 10, 20)
 # --- embeddings ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode + inference mode; every submodule's train/eval flag is restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+def _embed_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    flip: bool,
+    device: torch.device | str | None,
+    keys: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Embed image batches; image ``i`` (in order) gets random-routing key ``keys[i]`` (default ``i``), its mirror ``-1 - key``."""
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
-
-
-def _embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], flip: bool, device: torch.device | str | None) -> np.ndarray:
-    device = torch.device(device) if device is not None else _model_device(model)
-    chunks = []
-    with _inference(model):
+    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = 0
         for images in batches:
-            images = images.to(device)
-            if flip:
-                both = model(torch.cat([images, images.flip(-1)])).float()
-                embedding = both[: len(images)] + both[len(images) :]
+            if keys is None:
+                index = torch.arange(start, start + len(images), dtype=torch.int64)
             else:
-                embedding = model(images).float()
-            chunks.append(F.normalize(embedding, dim=1).cpu())
+                index = torch.as_tensor(keys[start : start + len(images)], dtype=torch.int64)
+            start += len(images)
+            if flip:
+                yield torch.cat([images, images.flip(-1)]), torch.cat([index, -1 - index])
+            else:
+                yield images, index
+
+    for_inputs, for_keys = itertools.tee(prepared())
+    chunks = []
+    outputs = run_batches(model, (x for x, _ in for_inputs), device=device, keys=(k for _, k in for_keys))
+    for output in outputs:
+        output = output.float()
+        embedding = output[: len(output) // 2] + output[len(output) // 2 :] if flip else output
+        chunks.append(F.normalize(embedding, dim=1).cpu())
     return torch.cat(chunks).numpy()
 
 
@@ -83,14 +84,18 @@ def embed_images(
     batch_size: int = 64,
     flip: bool = True,
     device: torch.device | str | None = None,
+    keys: Sequence[int] | None = None,
 ) -> np.ndarray:
     """L2-normalised embeddings [N, D] (float32) of already-normalised images [N, 3, H, W].
 
     With ``flip`` the embedding of each image and of its horizontal mirror are summed before
     normalising (both go through the model in one batch of ``2 * batch_size``). Runs in eval and
-    inference mode on ``device`` (default: the model's); the model's modes are restored.
+    inference mode on ``device`` (default: the model's) through
+    :func:`~facemoe_model.inference.run_batches`; the model's modes are restored. Under random
+    routing image ``i`` has key ``keys[i]`` (default ``i``) and its mirror ``-1 - key``
+    (:func:`~facemoe_model.moe.sample_keys`), so the embeddings do not depend on ``batch_size``.
     """
-    return _embed_batches(model, images.split(batch_size), flip, device)
+    return _embed_batches(model, images.split(batch_size), flip, device, keys)
 
 
 def embed_dataset(
@@ -99,10 +104,11 @@ def embed_dataset(
     batch_size: int = 64,
     flip: bool = True,
     device: torch.device | str | None = None,
+    keys: Sequence[int] | None = None,
 ) -> np.ndarray:
     """:func:`embed_images` over a dataset of ``(image, label)`` items, in dataset order (one process)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    return _embed_batches(model, (images for images, _ in loader), flip, device)
+    return _embed_batches(model, (images for images, _ in loader), flip, device, keys)
 
 
 # --- verification -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ verification list ``pairs.txt`` (``path1 path2 label`` relative to the folder);
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,12 +29,11 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Subset
 
-from .errors import DataError
-from .fileio import atomic_path, atomic_write
-
 from .data.datasets import INPUT_SIZE, GalleryProbe, LabelledImages, VerificationPairs, gallery_probe_split
 from .data.transforms import DownUp
+from .errors import DataError
 from .evaluate import embed_dataset, identification_metrics, verification_metrics
+from .fileio import atomic_path, atomic_write
 
 __all__ = [
     "PAIRS_FILE",
@@ -43,6 +43,7 @@ __all__ = [
     "degraded",
     "evaluate_identification",
     "evaluate_verification",
+    "source_key",
     "evaluate",
     "load_protocols",
     "lowres_probes",
@@ -68,12 +69,23 @@ def degraded(dataset: LabelledImages, degrade: Degradation) -> LabelledImages:
     return copied
 
 
+def source_key(source: Path | bytes) -> int:
+    """A stable non-negative int64 naming an image by its encoded content (a hash of the file's bytes).
+
+    The random-routing key of the image (:func:`facemoe_model.moe.sample_keys`): under random
+    routing an image gets the same experts in every data set, order, batch, cache and folder.
+    """
+    data = source.read_bytes() if isinstance(source, Path) else bytes(source)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
+
+
 class EmbeddingCache:
     """Flip-fused L2-normalised embeddings of one model, computed once per image and degradation.
 
     Images are keyed by their source (file path or encoded bytes), so an image shared by an
-    identification split and its verification pairs is embedded once. Every data set given to
-    one cache must preprocess images alike (as the ones :func:`load_protocols` builds do).
+    identification split and its verification pairs is embedded once; its random-routing key
+    is :func:`source_key`. Every data set given to one cache must preprocess images alike (as
+    the ones :func:`load_protocols` builds do).
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 64, flip: bool = True, device=None) -> None:
@@ -85,7 +97,8 @@ class EmbeddingCache:
         todo = [i for i, source in enumerate(dataset.sources) if (source, degrade) not in self._vectors]
         if todo:
             images = dataset if degrade is None else degraded(dataset, degrade)
-            vectors = embed_dataset(self.model, Subset(images, todo), self.batch_size, self.flip, self.device)
+            keys = [source_key(dataset.sources[i]) for i in todo]
+            vectors = embed_dataset(self.model, Subset(images, todo), self.batch_size, self.flip, self.device, keys=keys)
             self._vectors.update({(dataset.sources[i], degrade): vector for i, vector in zip(todo, vectors)})
         return np.stack([self._vectors[(source, degrade)] for source in dataset.sources])
 

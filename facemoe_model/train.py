@@ -30,16 +30,17 @@ reseeded at every epoch — so resuming from ``last.pt`` reproduces an uninterru
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,13 +48,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .errors import InputError
-from .fileio import atomic_write
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data.datasets import LabelledImages, preprocess
 from .data.transforms import RandomLowResolution
 from .distributed import DistributedContext, all_reduce_sum, broadcast_buffers, state_digest
+from .errors import InputError
+from .fileio import atomic_write
+from .hooks import ExpertUsage
 from .margin_heads import margin_head
 from .models import create_model
 from .moe import moe_layers, total_aux_loss
@@ -64,7 +68,6 @@ __all__ = [
     "TrainResult",
     "TrainImages",
     "WarmupPolyDecay",
-    "ExpertLoadMeter",
     "train",
     "LAST_CHECKPOINT",
     "FINAL_CHECKPOINT",
@@ -126,12 +129,22 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a finished run produced (rank 0; other ranks get the log and digests only)."""
+    """What a finished run produced (rank 0; other ranks get the log and digests only).
+
+    ``rows`` is the training log, one dict per epoch (what ``log.csv`` holds).
+    """
 
     run_dir: Path
     checkpoint: Path
-    log: pd.DataFrame
+    rows: list[dict[str, Any]]
     metadata: dict[str, Any]
+
+    @property
+    def log(self) -> "pd.DataFrame":
+        """The training log as a pandas DataFrame (pandas is imported only here)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
 
 class TrainImages(Dataset):
@@ -176,43 +189,25 @@ class WarmupPolyDecay:
         return max(0.0, 1.0 - progress) ** self.power
 
 
-class ExpertLoadMeter:
-    """Routed token slots per expert of every MoE layer during training forward passes.
+def _load_shares(usage: ExpertUsage, context: DistributedContext) -> dict[str, float]:
+    """``{"load_<layer>_e<k>": share}`` of routed token slots summed over processes; each layer's shares sum to 1."""
+    row = {}
+    for name, counts in usage.count_tensors.items():
+        total = all_reduce_sum(counts.to(context.device).clone(), context).double()
+        shares = (total / total.sum().clamp_min(1)).tolist()
+        row.update({f"load_{name}_e{expert}": share for expert, share in enumerate(shares)})
+    return row
 
-    Observes each layer's ``hook_routing`` (the ``RouterOutput`` the layer computed) and counts
-    ``topk_indices``; forward passes in eval mode (validation) are not counted.
-    """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = moe_layers(model)
-        if not self.layers:
-            raise InputError("the model has no MoE layers to train")
-        self.counts = {name: torch.zeros(layer.num_experts, dtype=torch.int64) for name, layer in self.layers.items()}
-        self._handles = [layer.hook_routing.register_forward_hook(self._observer(name)) for name, layer in self.layers.items()]
-
-    def _observer(self, name: str) -> Callable:
-        def observe(module: nn.Module, inputs: tuple, routing) -> None:
-            if module.training:
-                indices = routing.topk_indices.reshape(-1)
-                self.counts[name] = self.counts[name].to(indices.device) + torch.bincount(indices, minlength=len(self.counts[name]))
-
-        return observe
-
-    def reset(self) -> None:
-        self.counts = {name: torch.zeros_like(c) for name, c in self.counts.items()}
-
-    def shares(self, context: DistributedContext) -> dict[str, float]:
-        """``{"load_<layer>_e<k>": share}`` summed over processes; each layer's shares sum to 1."""
-        row = {}
-        for name, counts in self.counts.items():
-            total = all_reduce_sum(counts.to(context.device).clone(), context).double()
-            shares = (total / total.sum().clamp_min(1)).tolist()
-            row.update({f"load_{name}_e{expert}": share for expert, share in enumerate(shares)})
-        return row
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+def _log_csv(rows: list[Mapping[str, Any]]) -> str:
+    """The training log as CSV: columns in order of first appearance, empty cells for missing or NaN values."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if (v := row.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in columns])
+    return buffer.getvalue()
 
 
 class _Objective(nn.Module):
@@ -412,35 +407,36 @@ def train(
         cuda_ids = [context.device.index] if context.device.type == "cuda" else None
         trainer = DistributedDataParallel(objective, device_ids=cuda_ids, find_unused_parameters=True)
     val_data = load_protocols(split=validation, size=model.img_size) if validation is not None and context.is_main else None
-    meter = ExpertLoadMeter(model)
-    started = time.perf_counter() - elapsed
-    for epoch in range(len(rows), config.epochs):
-        torch.manual_seed(int(np.random.SeedSequence((config.seed, epoch, context.rank)).generate_state(1)[0]))
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        meter.reset()
-        objective.train()
-        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                  disable=not (progress and context.is_main)) as bar:
-            row = {"epoch": epoch + 1, **_train_epoch(trainer, loader, optimisation, config, context, bar)}
-        step += len(loader)
-        row["step"] = step
-        row.update(meter.shares(context))
-        broadcast_buffers(objective, context)
-        if val_data is not None and (epoch + 1) % val_every == 0 and epoch + 1 < config.epochs:
-            row.update(_validation_columns(_validate(model, val_data, val_lowres, config.batch_size)))
-        row["seconds"] = time.perf_counter() - started
-        rows.append(row)
-        if context.is_main:
-            train_state = {"config": config.to_dict(), "step": step, "elapsed": row["seconds"], "log": rows,
-                           "head": head.state_dict(), **optimisation.state_dict()}
-            save_checkpoint(model, run_dir / LAST_CHECKPOINT, {"epoch": epoch + 1, "step": step, "margin_head": head_start},
-                            extra={"train": train_state})
-            atomic_write(run_dir / LOG_FILE, pd.DataFrame(rows).to_csv(index=False))
-            if progress:
-                tqdm.write(_describe_row(row), file=sys.stderr)
-        context.barrier()
-    meter.remove()
+    if not moe_layers(model):
+        raise InputError("the model has no MoE layers to train")
+    with ExpertUsage(model, training_only=True) as usage:  # validation passes (eval mode) are not counted
+        started = time.perf_counter() - elapsed
+        for epoch in range(len(rows), config.epochs):
+            torch.manual_seed(int(np.random.SeedSequence((config.seed, epoch, context.rank)).generate_state(1)[0]))
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            usage.reset()
+            objective.train()
+            with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                      disable=not (progress and context.is_main)) as bar:
+                row = {"epoch": epoch + 1, **_train_epoch(trainer, loader, optimisation, config, context, bar)}
+            step += len(loader)
+            row["step"] = step
+            row.update(_load_shares(usage, context))
+            broadcast_buffers(objective, context)
+            if val_data is not None and (epoch + 1) % val_every == 0 and epoch + 1 < config.epochs:
+                row.update(_validation_columns(_validate(model, val_data, val_lowres, config.batch_size)))
+            row["seconds"] = time.perf_counter() - started
+            rows.append(row)
+            if context.is_main:
+                train_state = {"config": config.to_dict(), "step": step, "elapsed": row["seconds"], "log": rows,
+                               "head": head.state_dict(), **optimisation.state_dict()}
+                save_checkpoint(model, run_dir / LAST_CHECKPOINT, {"epoch": epoch + 1, "step": step, "margin_head": head_start},
+                                extra={"train": train_state})
+                atomic_write(run_dir / LOG_FILE, _log_csv(rows))
+                if progress:
+                    tqdm.write(_describe_row(row), file=sys.stderr)
+            context.barrier()
 
     result_meta = {
         **dict(metadata or {}),
@@ -463,11 +459,11 @@ def train(
             figures = _validate(model, val_data, val_lowres, config.batch_size)
             result_meta["validation"] = {"data": val_data.source, "lowres": val_lowres, **figures}
             rows[-1].update(_validation_columns(figures))
-            atomic_write(run_dir / LOG_FILE, pd.DataFrame(rows).to_csv(index=False))
+            atomic_write(run_dir / LOG_FILE, _log_csv(rows))
         head_record = {"head": config.head, "classes": list(images.classes), "state_dict": head.state_dict()}
         save_checkpoint(model.eval(), final_path, result_meta, half=half, extra={HEAD_KEY: head_record})
     context.barrier()
-    return TrainResult(run_dir=run_dir, checkpoint=final_path, log=pd.DataFrame(rows), metadata=result_meta)
+    return TrainResult(run_dir=run_dir, checkpoint=final_path, rows=rows, metadata=result_meta)
 
 
 def _gather_digests(module: nn.Module, context: DistributedContext) -> list[str]:

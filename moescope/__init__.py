@@ -1,8 +1,9 @@
 """moescope: interpretability and analysis of Mixture-of-Experts routing in vision transformers.
 
-Start at :mod:`moescope.trace` (what each MoE layer computed), :mod:`moescope.regions`
-(facial regions on token grids) and the analyses :mod:`moescope.region_routing`,
-:mod:`moescope.drift` and :mod:`moescope.interventions`; the CLI is ``moescope --help``.
+Every analysis reads inputs -> image path (:mod:`moescope.faces`) -> forward with routing
+capture (:mod:`moescope.forward`, :mod:`moescope.trace`) -> regions (:mod:`moescope.regions`)
+-> statistic (:mod:`moescope.stats`) -> :class:`~moescope.results.AnalysisResult`; the runners
+(:mod:`moescope.runners`) put those together and the CLI (``moescope --help``) shows them.
 """
 from importlib.metadata import PackageNotFoundError, version
 

@@ -1,4 +1,4 @@
-"""The ``moescope`` command line: one subcommand per analysis.
+"""The ``moescope`` command line: the parser, the error boundary and the command list.
 
 Errors caused by input (a bad checkpoint, an unreadable folder, a wrong option) print one
 line ``moescope: error: ...`` and exit with status 2; never a traceback.
@@ -12,27 +12,8 @@ from typing import Sequence
 
 from .errors import MoescopeError
 
-# Subcommand modules in ``moescope.commands`` (in --help order).
 COMMANDS = ("regions", "cka", "ablate", "train", "eval", "info", "models")
-
-
-def add_output_options(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The options every analysis command shares: ``--out``, ``--json``, ``--seed``."""
-    parser.add_argument("--out", metavar="DIR", help="write tables (CSV, Markdown, LaTeX), result.json and figures to DIR")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (text goes to stderr)")
-    if seed:
-        parser.add_argument("--seed", type=int, default=0, help="random seed (bootstrap, random routing ...); default 0")
-
-
-def add_top_k_option(parser: argparse.ArgumentParser) -> None:
-    """``--top-k``: experts per token for official checkpoints, which do not store it."""
-    parser.add_argument("--top-k", type=int, help="experts per token for official checkpoints (not stored in them; default 2)")
-
-
-def split_names(values: list[str] | None) -> list[str] | None:
-    """Names from repeatable, comma-separated options (``--layers a,b --layers c``); None if none."""
-    names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]
-    return names or None
+"""The subcommands, in --help order: each is a module ``moescope.commands.NAME``."""
 
 
 def emit(result, args: argparse.Namespace, render) -> None:
@@ -49,6 +30,7 @@ def emit(result, args: argparse.Namespace, render) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser with every command of :data:`COMMANDS`; a command module that fails to import is an error."""
     parser = argparse.ArgumentParser(
         prog="moescope",
         description="Analyse Mixture-of-Experts routing in FaceMoE and other MoE vision transformers.",
@@ -57,10 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"moescope.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"moescope.commands.{name}":
-                continue  # command not shipped in this build
-            raise
+        except ImportError as exc:
+            raise RuntimeError(f"moescope command {name!r} cannot be imported: {exc}") from exc
         module.register(sub)
     return parser
 

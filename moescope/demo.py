@@ -12,10 +12,25 @@ from pathlib import Path
 
 from .errors import CheckpointError, DataError
 
-__all__ = ["DEMO_CHECKPOINTS", "demo_dir", "resolve_checkpoint", "demo_images_dir", "demo_split_dir", "load_model"]
+__all__ = [
+    "DEMO_CHECKPOINTS",
+    "DEFAULT_CHECKPOINT",
+    "DEFAULT_PAIR",
+    "DEMO_IMAGES",
+    "demo_dir",
+    "resolve_checkpoint",
+    "demo_images_dir",
+    "demo_split_dir",
+    "load_model",
+]
 
 DEMO_CHECKPOINTS = ("before", "after")
 DEFAULT_CHECKPOINT = "demo:after"
+"""The checkpoint a command analyses when given none (B.1 is the fine-tuned model)."""
+DEFAULT_PAIR = ("demo:before", DEFAULT_CHECKPOINT)
+"""The two checkpoints a comparison (``cka``) uses when given none."""
+DEMO_IMAGES = "demo:images"
+"""How the bundled demo images are named in results (``settings["data"]``)."""
 
 
 def demo_dir() -> Path:

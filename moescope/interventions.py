@@ -1,4 +1,4 @@
-"""Expert interventions and their effect on face recognition (paper B.17 / B.7, ``moescope ablate``).
+"""Named expert interventions and their planning (paper B.17 / B.7, ``moescope ablate``).
 
 An :class:`Intervention` is a named :class:`~facemoe_model.moe.RoutingOverride`, applied
 only through :func:`~facemoe_model.moe.override_routing` (the model is restored exactly on
@@ -12,38 +12,30 @@ exit, also on exceptions):
 
 :func:`plan_interventions` expands the command-line specs (``--drop 0,1``, ``--drop singles``,
 ``--drop pairs``, ``--switch [PERM]``, ``--random``) and validates them against the model;
-:func:`ablate_experts` evaluates the unmodified baseline and every intervention with the
-data's protocols (:func:`facemoe_model.protocols.evaluate`, as ``moescope eval``) and
-measures expert usage under each one with :class:`ExpertUsage` (observed through
-:class:`~moescope.trace.RoutingTrace`, never recomputed).
+:func:`moescope.runners.ablate.ablate_experts` evaluates the unmodified baseline and every
+intervention.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import ContextManager, Iterable, Literal, Sequence
 
-import pandas as pd
 from torch import nn
-from tqdm import tqdm
 
-from facemoe_model.moe import MoELayer, RoutingOverride, override_routing, select_moe_layers, uniform_num_experts
-from facemoe_model.protocols import Degradation, EvaluationData, evaluate
+from facemoe_model.moe import MoELayer, RoutingOverride, override_routing
 
 from .errors import MoescopeError
-from .results import AnalysisResult
-from .trace import ExpertUsage
+from .trace import expert_count, select_layers
 
 __all__ = [
+    "BASELINE",
     "Intervention",
-    "ExpertUsage",
     "parse_experts",
     "drop_interventions",
     "switch_intervention",
     "random_intervention",
     "plan_interventions",
-    "ablate_experts",
 ]
 
 Kind = Literal["drop", "switch", "random"]
@@ -101,20 +93,6 @@ def random_intervention(seed: int) -> Intervention:
     return Intervention(f"random seed {seed}", "random", RoutingOverride(random_seed=int(seed)))
 
 
-def _selected(model: nn.Module, layers: Sequence[str] | None) -> dict[str, MoELayer]:
-    try:
-        return select_moe_layers(model, layers)
-    except KeyError as exc:
-        raise MoescopeError(str(exc.args[0])) from None
-
-
-def _num_experts(chosen: dict[str, MoELayer]) -> int:
-    try:
-        return uniform_num_experts(chosen)
-    except ValueError as exc:
-        raise MoescopeError(f"{exc}; choose layers with --layers") from None
-
-
 def plan_interventions(
     model: nn.Module,
     *,
@@ -126,8 +104,8 @@ def plan_interventions(
 ) -> list[Intervention]:
     """Expand the specs into interventions (order: drops, switches, random; repeats removed)
     and validate each against every chosen MoE layer, so bad input fails before any evaluation."""
-    chosen = _selected(model, layers)
-    num_experts = _num_experts(chosen)
+    chosen = select_layers(model, layers)
+    num_experts = expert_count(chosen)
     planned = [i for spec in drop for i in drop_interventions(spec, num_experts)]
     planned += [switch_intervention(spec, num_experts) for spec in switch]
     planned += [random_intervention(seed)] if random else []
@@ -139,91 +117,3 @@ def plan_interventions(
             except ValueError as exc:
                 raise MoescopeError(f"{intervention.name}: {exc}") from None
     return unique
-
-
-def _headline(figures: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The B.17 columns of one evaluation: Rank-k and verification accuracy."""
-    row = {k: v for k, v in figures.get("identification", {}).items() if k.startswith("Rank-")}
-    if "verification" in figures:
-        row["Verification accuracy"] = figures["verification"]["accuracy"]
-        row["Verification accuracy std"] = figures["verification"]["accuracy_std"]
-    return row
-
-
-def ablate_experts(
-    model: nn.Module,
-    data: EvaluationData,
-    interventions: Sequence[Intervention],
-    *,
-    layers: Sequence[str] | None = None,
-    batch_size: int = 64,
-    flip: bool = True,
-    probe_transform: Degradation | None = None,
-    progress: bool = True,
-    checkpoint: str = "",
-    settings: dict | None = None,
-) -> AnalysisResult:
-    """Evaluate the unmodified model and each intervention (on ``layers``; default all MoE layers).
-
-    Returns an ``AnalysisResult`` with tables ``ablation`` (B.17 layout: one row per
-    intervention after the baseline: effective k, Rank-1/5/10/20 and/or verification
-    accuracy as fractions, expert usage % over the chosen layers), ``metrics`` (everything
-    :func:`~facemoe_model.protocols.evaluate` returned, tidy) and ``expert_usage`` (per layer);
-    the baseline figures in ``summary`` equal ``moescope eval``'s; a warning per intervention
-    that shrinks k.
-    """
-    chosen = _selected(model, layers)
-    num_experts = _num_experts(chosen)
-    runs: list[Intervention | None] = [None, *interventions]
-    rows, metrics, usage, warnings = [], [], [], []
-    baseline: dict = {}
-    for intervention in tqdm(runs, desc="interventions", unit="eval", disable=not progress):
-        name = BASELINE if intervention is None else intervention.name
-        scope = contextlib.nullcontext(chosen) if intervention is None else intervention.apply(model, layers)
-        with scope as affected, ExpertUsage(model, layers) as counter:
-            k = min(layer.effective_k for layer in affected.values())
-            shrunk = sorted({layer.k for layer in affected.values() if layer.effective_k < layer.k})
-            figures = evaluate(model, data, batch_size=batch_size, flip=flip, probe_transform=probe_transform)
-        if shrunk:
-            warnings.append(
-                f"{name}: only {k} of {num_experts} experts left in the chosen layers, so k shrinks "
-                f"from {shrunk[-1]} to {k} (every token is processed by all remaining experts)"
-            )
-        if intervention is None:
-            baseline = figures
-        share = counter.table()
-        total = share[share["layer"] == "all"]["percent"].to_numpy()
-        rows.append(
-            {
-                "intervention": name,
-                "kind": BASELINE if intervention is None else intervention.kind,
-                "k": k,
-                **_headline(figures),
-                **{f"Expert {e} (%)": float(p) for e, p in enumerate(total)},
-            }
-        )
-        metrics += [{"intervention": name, "protocol": p, "metric": m, "value": v} for p, ms in figures.items() for m, v in ms.items()]
-        usage.append(share.assign(intervention=name))
-    sets = ([data.split.gallery, data.split.probe] if data.split else []) + ([data.pairs] if data.pairs else [])
-    return AnalysisResult(
-        command="ablate",
-        checkpoints=[checkpoint or getattr(model, "checkpoint_path", "")],
-        settings={
-            "data": data.source,
-            "layers": "all" if layers is None else list(layers),
-            "interventions": [i.name for i in interventions],
-            "batch_size": batch_size,
-            "flip": flip,
-            "probe_transform": repr(probe_transform) if probe_transform else None,
-            "usage": "share (%) of token-expert assignments per expert over the chosen MoE layers and every "
-            "forward pass of the evaluation (images and mirror images); grid tokens",
-            **(settings or {}),
-        },
-        tables={
-            "ablation": pd.DataFrame(rows),
-            "metrics": pd.DataFrame(metrics),
-            "expert_usage": pd.concat(usage, ignore_index=True)[["intervention", "layer", "expert", "assignments", "percent"]],
-        },
-        summary={"images": data.images, "experts": num_experts, "moe_layers": len(chosen), "interventions": len(interventions), **baseline},
-        warnings=[w for w in (s.skip_summary for s in sets) if w] + warnings,
-    )

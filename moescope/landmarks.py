@@ -1,4 +1,6 @@
-"""Face Mesh landmarks: image loading, cached parallel detection, and the aligned-face template.
+"""Face Mesh landmarks: cached parallel detection and the aligned-face template.
+
+Images come from the one image path (:func:`facemoe_model.data.images.read_image`).
 
 Landmarks are mediapipe Face Mesh's 468 points as ``float32 [468, 2]`` arrays of ``(x, y)``
 in continuous pixel coordinates of the original image: pixel ``(row, col)`` covers
@@ -28,7 +30,6 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from facemoe_model.errors import DataError
 from facemoe_model.fileio import atomic_write
 from facemoe_model.geometry import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
 
@@ -38,20 +39,16 @@ __all__ = [
     "ALIGNED_FIVE_POINTS",
     "ALIGNED_SIZE",
     "DETECTION_SETTINGS",
-    "IMAGE_EXTENSIONS",
     "NUM_LANDMARKS",
     "build_template",
     "default_cache_dir",
     "detect_landmarks",
-    "find_images",
     "five_points",
     "landmark_set",
-    "load_image",
     "template_landmarks",
 ]
 
 NUM_LANDMARKS = 468
-IMAGE_EXTENSIONS = frozenset({".bmp", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 
 DETECTION_SETTINGS: dict[str, Any] = {
     "version": 1,
@@ -75,49 +72,6 @@ MIN_IMAGES_PER_WORKER = 200
 
 TEMPLATE_ASSET = "face_template_468.npy"
 NOSE_TIP, MOUTH_CORNERS = 1, (61, 291)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images on disk
-
-
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under ``root`` (recursive; identity sub-folders allowed), sorted by
-    relative path. Hidden files and folders are skipped. Raises DataError if there are none."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found (or not a folder): {root}")
-    images = sorted(
-        (
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not images:
-        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    return images
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as ``uint8 [H, W, 3]`` RGB (EXIF orientation applied, alpha dropped).
-
-    Raises DataError naming the file when it cannot be read or decoded."""
-    path = Path(path)
-    try:
-        encoded = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    try:
-        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-    except cv2.error:
-        bgr = None
-    if bgr is None:
-        raise DataError(f"cannot decode image {path}: not an image file or corrupt")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +201,7 @@ def detect_landmarks(
     """Face Mesh landmarks (``float32 [468, 2]``, original pixel coordinates) of each image.
 
     Args:
-        images: ``uint8 [H, W, 3]`` RGB images (e.g. from :func:`load_image`).
+        images: ``uint8 [H, W, 3]`` RGB images (e.g. from :func:`facemoe_model.data.images.read_image`).
         cache_dir: landmark cache folder; default :func:`default_cache_dir`. Entries are keyed
             by the sha256 of the pixels, shape and ``DETECTION_SETTINGS``, so a repeated run
             over the same images does not run mediapipe; corrupt entries are recomputed.

@@ -1,4 +1,4 @@
-"""Facial regions (ANALYSES.md, B.1 / B.2) as pixel masks and as soft fractions on token grids.
+"""Facial regions (docs/analyses.md, B.1 / B.2) as pixel masks and as soft fractions on token grids.
 
 Regions come from Face Mesh landmarks (:mod:`moescope.landmarks`), in the face's own frame:
 ``u`` runs from the image-left eye centre to the other eye centre and ``v`` points down the

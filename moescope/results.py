@@ -1,7 +1,7 @@
 """Analysis results: tidy tables + summary, written atomically as CSV/Markdown/LaTeX/JSON.
 
 Every analysis command returns an :class:`AnalysisResult`. Its ``to_json_dict`` is the
-machine-readable contract of ``--json`` (see ANALYSES.md, "Machine-readable output").
+machine-readable contract of ``--json`` (see docs/analyses.md, "Machine-readable output").
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ class AnalysisResult:
         tables: tidy DataFrames by name; each is written as ``NAME.csv/.md/.tex``.
         summary: headline numbers (images analysed, images without a face, accuracy ...).
         warnings: human-readable caveats (dropped batches, skipped images ...).
-        figures: matplotlib figures by file stem; written as ``STEM.png``.
+        figures: matplotlib figures by file stem, or zero-argument callables that draw them
+            (drawn only when needed: :meth:`figure`, :meth:`save`); written as ``STEM.png``.
     """
 
     command: str
@@ -65,6 +66,13 @@ class AnalysisResult:
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, stem: str):
+        """The figure ``stem``, drawn now if it was given as a callable (and kept)."""
+        fig = self.figures[stem]
+        if callable(fig) and not hasattr(fig, "savefig"):
+            fig = self.figures[stem] = fig()
+        return fig
 
     def to_json_dict(self) -> dict[str, Any]:
         return to_jsonable(
@@ -90,7 +98,8 @@ class AnalysisResult:
             written.append(atomic_write(out / f"{name}.md", df.to_markdown(index=False, floatfmt=".4g") + "\n"))
             written.append(atomic_write(out / f"{name}.tex", _to_latex(df)))
         written.append(atomic_write(out / "result.json", self.to_json() + "\n"))
-        for stem, fig in self.figures.items():
+        for stem in self.figures:
+            fig = self.figure(stem)
             written.append(atomic_path(out / f"{stem}.png", lambda p, f=fig: f.savefig(p, dpi=150, bbox_inches="tight", format="png")))
         return written
 

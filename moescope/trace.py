@@ -15,20 +15,20 @@ combine weights, router probabilities and the token's (row, col) on the layer's 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from facemoe_model.moe import RouterOutput, select_moe_layers
+from facemoe_model.hooks import HookSet
+from facemoe_model.moe import MoELayer, RouterOutput, select_moe_layers, uniform_num_experts
 
-from .hooks import HookSet
+from .errors import MoescopeError
 
-__all__ = ["ExpertUsage", "LayerRouting", "RoutingTrace", "token_frame"]
+__all__ = ["LayerRouting", "RoutingTrace", "token_frame", "select_layers", "expert_count"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class LayerRouting:
         """Per-token expert contributions ``[B, N, E]`` under a counting convention.
 
         ``top1``: 1 for the rank-1 expert; ``topk``: 1/k for each of the k experts;
-        ``weighted``: the normalised combine weights ``|w| / sum |w|`` (ANALYSES.md).
+        ``weighted``: the normalised combine weights ``|w| / sum |w|`` (docs/analyses.md).
         """
         B, N, k = self.topk.shape
         out = np.zeros((B, N, self.num_experts), dtype=np.float64)
@@ -101,6 +101,22 @@ class LayerRouting:
             grid=tuple(r.grid),
             weighting=r.weighting,
         )
+
+
+def select_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, MoELayer]:
+    """The MoE layers named (or prefixed) by ``layers`` (default all); an unknown name is a one-line MoescopeError."""
+    try:
+        return select_moe_layers(model, layers)
+    except KeyError as exc:
+        raise MoescopeError(str(exc.args[0])) from None
+
+
+def expert_count(layers: Mapping[str, MoELayer]) -> int:
+    """The experts per layer the chosen layers share; layers that differ are a one-line MoescopeError."""
+    try:
+        return uniform_num_experts(layers)
+    except ValueError as exc:
+        raise MoescopeError(f"{exc}; choose layers with --layers") from None
 
 
 class RoutingTrace(HookSet):
@@ -146,50 +162,3 @@ def token_frame(routing: dict[str, LayerRouting], image_ids: list[str]) -> pd.Da
             data[f"prob_expert{e}"] = r.probs[..., e].reshape(-1)
         frames.append(pd.DataFrame(data))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-class ExpertUsage:
-    """Context manager counting token-expert assignments per MoE layer and expert while a model runs.
-
-    A :class:`RoutingTrace` records what each layer computed and a forward
-    hook on ``model`` collects it after every forward pass, so any code that calls the model
-    (e.g. :func:`facemoe_model.protocols.evaluate`) is observed unchanged. Grid tokens count
-    (prefix/class tokens are left out, as in the trace); every expert a token was processed
-    by is one assignment. Hooks are removed on exit.
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
-        self.model = model
-        self.trace = RoutingTrace(model, layers)
-        self.counts = {name: np.zeros(layer.num_experts, dtype=np.int64) for name, layer in self.trace.layers.items()}
-        self._stack: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> "ExpertUsage":
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.trace)
-            stack.callback(self.model.register_forward_hook(self._collect).remove)
-            self._stack = stack.pop_all()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-    def _collect(self, module: nn.Module, inputs, output) -> None:
-        for name, routing in self.trace.pop().items():
-            self.counts[name] += np.bincount(routing.topk.ravel(), minlength=len(self.counts[name]))
-
-    @property
-    def total(self) -> np.ndarray:
-        """Assignments per expert over all observed layers."""
-        return np.sum(list(self.counts.values()), axis=0)
-
-    def table(self) -> pd.DataFrame:
-        """Tidy ``layer, expert, assignments, percent`` per layer and over all layers (``layer == "all"``)."""
-        rows = []
-        for layer, counts in [*self.counts.items(), ("all", self.total)]:
-            total = counts.sum()
-            for expert, n in enumerate(counts):
-                rows.append({"layer": layer, "expert": expert, "assignments": int(n), "percent": 100.0 * n / total if total else float("nan")})
-        return pd.DataFrame(rows)

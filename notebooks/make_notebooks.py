@@ -10,8 +10,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).parent
 
 SETUP = """\
+from facemoe_model.data.images import list_images
 from moescope.demo import load_model, demo_images_dir, demo_split_dir
-from moescope.faces import list_images
 BEFORE, AFTER = "demo:before", "demo:after"   # or paths to your own / official FaceMoE checkpoints
 IMAGES = list_images(demo_images_dir())       # or list_images("/path/to/faces")"""
 
@@ -20,7 +20,7 @@ NOTEBOOKS = {
         new_markdown_cell("# Region routing (paper B.1 / B.2)\n\nWhich expert each facial region is routed to, before and after low-resolution fine-tuning."),
         new_code_cell(SETUP),
         new_code_cell(
-            "from moescope.region_routing import analyse_regions\n"
+            "from moescope.runners.regions import analyse_regions\n"
             "result = analyse_regions([load_model(BEFORE), load_model(AFTER)], [BEFORE, AFTER], IMAGES, n_boot=200, progress=False)\n"
             "result.summary"
         ),
@@ -35,7 +35,7 @@ NOTEBOOKS = {
         new_markdown_cell("# Selective drift (paper B.12 / B.13 / B.14)\n\nLayer-wise CKA between the two checkpoints, the most changed layers, per-expert parameter shift, routing agreement."),
         new_code_cell(SETUP),
         new_code_cell(
-            "from moescope.drift import analyse_drift\n"
+            "from moescope.runners.drift import analyse_drift\n"
             "result = analyse_drift(load_model(BEFORE), load_model(AFTER), [BEFORE, AFTER], IMAGES, progress=False)\n"
             "result.tables[\"cka\"]"
         ),
@@ -48,7 +48,8 @@ NOTEBOOKS = {
         new_code_cell(SETUP),
         new_code_cell(
             "from facemoe_model.protocols import load_protocols\n"
-            "from moescope.interventions import ablate_experts, plan_interventions\n"
+            "from moescope.interventions import plan_interventions\n"
+            "from moescope.runners.ablate import ablate_experts\n"
             "model = load_model(AFTER)\n"
             "data = load_protocols(split=demo_split_dir(), size=model.img_size)\n"
             "plan = plan_interventions(model, drop=[\"singles\"], switch=[None], random=True)\n"

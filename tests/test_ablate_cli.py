@@ -95,7 +95,7 @@ def test_ablate_text_output(tiny_ckpt, split_dir, capsys):
         (["--switch", "0,0,1"], "not a permutation of 0..2"),
         (["--drop", "0", "--layers", "layers.7"], "unknown MoE layer 'layers.7'"),
         ([], "give at least one intervention"),
-        (["--drop", "0", "--root", "{split}"], "--root applies to --protocol only"),
+        (["--drop", "0", "--root", "{split}"], "--root applies to --pairs only"),
         (["--drop", "0", "--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
@@ -125,3 +125,21 @@ def test_demo_default_drop_changes_accuracy(capsys):
     assert result["checkpoints"] == ["demo:after"] and drop["k"] == 1
     columns = [c for c in base if c.startswith("Rank-") or c == "Verification accuracy"]
     assert [drop[c] for c in columns] != [base[c] for c in columns]  # a trained model notices losing two experts
+
+
+def test_ablate_takes_eval_s_evaluation_options(tiny_ckpt, split_dir, tmp_path, capsys):
+    """--split / --pairs [--root] as in eval; the older --data / --protocol spellings give the same result."""
+    common = ["--drop", "0", "--no-flip", "--layers", "layers.2"]
+    by_split, _ = run_json(capsys, tiny_ckpt, "--split", split_dir, *common)
+    by_data, _ = run_json(capsys, tiny_ckpt, "--data", split_dir, *common)
+    assert by_split == by_data and by_split["settings"]["data"] == str(split_dir)
+    pairs = tmp_path / "list" / "pairs.txt"
+    pairs.parent.mkdir()
+    shutil.copy(split_dir / "pairs.txt", pairs)
+    by_pairs, _ = run_json(capsys, tiny_ckpt, "--pairs", pairs, "--root", split_dir, *common)
+    by_protocol, _ = run_json(capsys, tiny_ckpt, "--protocol", pairs, "--root", split_dir, *common)
+    assert by_pairs == by_protocol and "Rank-1" not in by_pairs["tables"]["ablation"][0]
+    assert by_pairs["summary"]["verification"] == by_split["summary"]["verification"]  # the same pairs
+    with pytest.raises(SystemExit) as exit_info:  # one evaluation source at a time (argparse: usage error)
+        main(["ablate", str(tiny_ckpt), "--split", str(split_dir), "--pairs", str(pairs), "--drop", "0"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from facemoe_model import create_model, load_checkpoint, save_checkpoint
-from moescope.errors import CheckpointError
+from facemoe_model import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from facemoe_model.checkpoint import CHECKPOINT_FORMAT, LEGACY_FORMATS
+from facemoe_model.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,11 @@ def tiny_model():
     return create_model("facemoe_swin_tiny").eval()
 
 
-def test_moescope_round_trip(tiny_model, tmp_path):
+def test_own_format_round_trip(tiny_model, tmp_path):
     path = save_checkpoint(tiny_model, tmp_path / "m.pt", {"note": "test", "epochs": 1})
+    assert read_checkpoint(path)["format"] == CHECKPOINT_FORMAT == "facemoe"
     loaded = load_checkpoint(path)
-    assert loaded.checkpoint_format == "moescope" and loaded.checkpoint_metadata["epochs"] == 1
+    assert loaded.checkpoint_format == "facemoe" and loaded.checkpoint_metadata["epochs"] == 1
     x = torch.randn(2, 3, 120, 120)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), tiny_model(x))
@@ -29,6 +31,22 @@ def test_moescope_round_trip(tiny_model, tmp_path):
     with torch.no_grad():
         assert (half(x) - tiny_model(x)).abs().max() < 0.05 * tiny_model(x).abs().max()
     assert os.path.getsize(tmp_path / "h.pt") < 0.6 * os.path.getsize(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("name", ["before.pt", "after.pt"])
+def test_bundled_demo_checkpoints_in_the_legacy_format_still_load(name, tmp_path):
+    from importlib import resources
+
+    with resources.as_file(resources.files("facemoe_model") / "assets" / "demo" / name) as path:
+        raw = read_checkpoint(path)
+        assert raw["format"] in LEGACY_FORMATS  # written as "moescope.facemoe"; not re-saved
+        model = load_checkpoint(path)
+    assert model.checkpoint_format == "facemoe" and model.model_config["name"] == raw["config"]["name"]
+    own = {k: v for k, v in raw["state_dict"].items()}
+    assert all(torch.equal(model.state_dict()[k].to(v.dtype), v) for k, v in own.items())
+    # the same layout under the new name loads to the same weights
+    resaved = load_checkpoint(save_checkpoint(model, tmp_path / name))
+    assert all(torch.equal(resaved.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_vit_round_trip(tmp_path):

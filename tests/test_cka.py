@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage.data import lfw_subset
 
-from moescope.cka import StreamingCKA, hsic1, layer_features, plan_batches, zero_diagonal_gram
+from moescope.stats.cka import StreamingCKA, hsic1, layer_features, plan_batches, zero_diagonal_gram
 from moescope.errors import DataError, MoescopeError
 
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from facemoe_model.data.datasets import ImageFolder, VerificationPairs, decode_image, gallery_probe_split, preprocess
 from facemoe_model.evaluate import consecutive_folds
-from moescope.errors import DataError
+from facemoe_model.data import images as image_path
+from facemoe_model.errors import DataError
 
 GREY_LEVEL = 1 / 127.5  # one uint8 step after normalisation to [-1, 1]
 LOGGER = "facemoe_model.data.datasets"
@@ -74,6 +75,97 @@ def test_decode_image_returns_rgb_or_none():
     reference = matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))  # Pillow
     assert hopper.shape == reference.shape and np.abs(hopper.astype(int) - reference).mean() < 1.0
     assert decode_image(b"") is None and decode_image(b"GIF89a not really") is None
+
+
+# --- the image path (facemoe_model.data.images) ---------------------------------------------
+
+
+def previous_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
+    """datasets.preprocess as it was before the image path moved (the outputs must not change)."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(resized).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+@pytest.mark.parametrize("image,size", [(astronaut(), 120), (astronaut(), 37), (lfw_face(1), 120), (lfw_face(2)[..., 0], 64)])
+def test_preprocess_unchanged_and_equal_to_the_gradient_path(image, size):
+    out = image_path.preprocess(image, size)
+    assert preprocess is image_path.preprocess and torch.equal(out, previous_preprocess(image, size))
+    unit = image_path.to_unit_tensor(image, size)
+    assert unit.dtype == torch.float32 and unit.shape == (3, size, size) and 0 <= unit.min() and unit.max() <= 1
+    assert torch.equal(image_path.normalise(unit), out)  # bit for bit
+    every_level = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert torch.equal(image_path.normalise(image_path.to_unit_tensor(every_level, 16)), previous_preprocess(every_level, 16))
+
+
+def test_gradient_path_is_differentiable():
+    x01 = image_path.to_unit_tensor(astronaut(), 8)[None].requires_grad_(True)
+    image_path.normalise(x01).sum().backward()
+    assert torch.equal(x01.grad, torch.full_like(x01, 2.0))  # d(2x - 1)/dx
+    with pytest.raises(ValueError, match="to_unit_tensor expects a uint8"):
+        image_path.to_unit_tensor(astronaut().astype(np.float32), 8)
+
+
+def test_decode_handles_grey_rgba_16bit_and_exif_orientation():
+    from PIL import Image, ImageOps
+    import io
+
+    rgb = astronaut()[::8, ::8].copy()
+    grey = rgb[..., 1].copy()
+    assert np.array_equal(decode_image(cv2.imencode(".png", grey)[1].tobytes()), np.repeat(grey[..., None], 3, axis=2))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
+    assert np.array_equal(decode_image(cv2.imencode(".png", rgba[..., [2, 1, 0, 3]])[1].tobytes()), rgb)  # alpha dropped
+    deep = rgb.astype(np.uint16) * 257 + 3
+    assert np.array_equal(decode_image(cv2.imencode(".png", deep[..., ::-1].copy())[1].tobytes()), (deep >> 8).astype(np.uint8))
+    # EXIF orientation 6 (rotate 90 clockwise to display), applied as Pillow's exif_transpose does
+    plain = Image.fromarray(rgb)
+    exif = plain.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    plain.save(buffer, "JPEG", quality=95, exif=exif)
+    decoded = decode_image(buffer.getvalue())
+    reference = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+    assert decoded.shape == reference.shape == (rgb.shape[1], rgb.shape[0], 3)
+    assert np.abs(decoded.astype(int) - reference).mean() < 1.0
+
+
+def test_read_image_one_line_errors(tmp_path):
+    write(tmp_path / "ok.png", astronaut())
+    assert np.array_equal(image_path.read_image(tmp_path / "ok.png"), astronaut())
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"^cannot decode image .*bad\.jpg: not an image file or corrupt$"):
+        image_path.read_image(tmp_path / "bad.jpg")
+    with pytest.raises(DataError, match=r"^cannot read image .*missing\.png: No such file"):
+        image_path.read_image(tmp_path / "missing.png")
+    assert image_path.unreadable_reason(tmp_path / "bad.jpg") == "not a decodable image"
+    assert image_path.unreadable_reason(tmp_path / "missing.png") == "missing"
+    assert image_path.unreadable_reason(tmp_path / "ok.png") is None
+
+
+def test_list_images_recursive_sorted_hidden_skipped(tmp_path):
+    for rel in ["b/2.PNG", "b/10.jpg", "a.jpeg", "b/c/1.webp", ".hidden/x.png", "b/.y.png", "notes.txt", "b-c/0.png"]:
+        write(tmp_path / rel, b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in image_path.list_images(tmp_path)]
+    assert found == sorted(found) == ["a.jpeg", "b-c/0.png", "b/10.jpg", "b/2.PNG", "b/c/1.webp"]
+    assert image_path.list_images(tmp_path / "a.jpeg") == [tmp_path / "a.jpeg"]
+    with pytest.raises(DataError, match="^not an image file: "):
+        image_path.list_images(tmp_path / "notes.txt")
+    with pytest.raises(DataError, match="^image folder not found: "):
+        image_path.list_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"^no image files \(\.bmp, .*\) found under "):
+        image_path.list_images(tmp_path / "empty")
+
+
+def test_identity_listing_reports_stray_files(tmp_path):
+    for rel in ["bob/1.png", "bob/sub/2.png", "alice/x.txt", ".trash/3.png", "loose.png", ".DS_Store"]:
+        write(tmp_path / rel, b"x")
+    listing = image_path.list_identity_folders(tmp_path)
+    assert listing.classes == ["alice", "bob"] and listing.stray == [tmp_path / "loose.png"]
+    assert [(p.relative_to(tmp_path).as_posix(), label) for p, label in listing.files] == [("alice/x.txt", 0), ("bob/1.png", 1), ("bob/sub/2.png", 1)]
+    with pytest.raises(DataError, match="not a folder"):
+        image_path.list_identity_folders(tmp_path / "loose.png")
 
 
 # --- identity folders ----------------------------------------------------------------------

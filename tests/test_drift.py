@@ -14,12 +14,11 @@ import skimage.data
 import torch
 
 from facemoe_model import create_model, load_checkpoint, moe_layers, save_checkpoint
-from facemoe_model.data.datasets import preprocess
-from moescope.cka import hsic1, layer_features, zero_diagonal_gram
+from facemoe_model.data.images import list_images, preprocess, read_image
 from moescope.cli import main
-from moescope.drift import analyse_drift, drift_layers, expert_shift
-from moescope.faces import list_images
-from moescope.landmarks import load_image
+from moescope.features import drift_layers
+from moescope.runners.drift import analyse_drift, expert_shift
+from moescope.stats.cka import hsic1, layer_features, zero_diagonal_gram
 
 SWIN_TINY_LAYERS = [
     "patch_embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1",
@@ -83,6 +82,10 @@ def test_model_with_itself(kind, ckpt, official_model_pt, faces, tmp_path):
     assert routing["layer"].tolist() == list(moe_layers(a))
     assert (routing["top1_agreement"] == 1).all() and (routing["topk_agreement"] == 1).all()
     assert len(result.tables["lowest_cka"]) == 5
+    if kind == "moescope":  # the figure is drawn when asked for (or saved), as a pyplot-free Figure
+        from matplotlib.figure import Figure
+
+        assert callable(result.figures["cka_by_depth"]) and isinstance(result.figure("cka_by_depth"), Figure)
 
 
 def reference_layer_outputs(model, x):
@@ -113,7 +116,7 @@ def reference_cka(x, y, batch, mode):
 @pytest.mark.parametrize("mode", ["flatten", "mean"])
 def test_streaming_equals_reference_on_all_images_at_once(mode, ckpt, drifted_ckpt, faces):
     a, b = load_checkpoint(ckpt), load_checkpoint(drifted_ckpt)
-    images = torch.stack([preprocess(load_image(p), a.img_size) for p in faces])
+    images = torch.stack([preprocess(read_image(p), a.img_size) for p in faces])
     ref_a, ref_b = reference_layer_outputs(a, images), reference_layer_outputs(b, images)  # one batch of 8
     for batch_size in (4, 8):
         result = drift(a, b, faces, features=mode, batch_size=batch_size)
@@ -242,3 +245,45 @@ def test_bad_input_is_one_line_exit_2(case, message, ckpt, official_model_pt, tm
     assert main(["cka", *map(str, args), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moescope: error:") and message in err[0]
+
+
+# --- routing-set distance (moescope.stats.agreement), against plain Python sets ---------------
+
+
+def test_routing_set_distance_equals_set_arithmetic():
+    from moescope.stats.agreement import routing_set_distance, top1_changed
+
+    rng = np.random.default_rng(0)
+    experts, k = 5, 2
+    a = np.stack([rng.permutation(experts)[:k] for _ in range(60)]).reshape(3, 20, k)
+    b = np.stack([rng.permutation(experts)[:k] for _ in range(60)]).reshape(3, 20, k)
+    b[0, :5] = a[0, :5]  # some tokens routed alike
+    b[0, 5:8] = a[0, 5:8, ::-1]  # same set, other order
+    expected = np.array([1 - len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a.reshape(-1, k), b.reshape(-1, k))])
+    got = routing_set_distance(a, b)
+    assert got.shape == (3, 20) and np.allclose(got.reshape(-1), expected, rtol=0, atol=1e-12)
+    assert (got[0, :8] == 0).all() and np.isclose(got[..., None], [0, 2 / 3, 1], rtol=0, atol=1e-12).any(-1).all()  # k=2: 0, 2/3, 1
+    assert (top1_changed(a, b) == (a[..., 0] != b[..., 0])).all() and not top1_changed(a, b)[0, :5].any()
+    assert top1_changed(a, b)[0, 5:8].all()  # same set, other rank-1 expert
+    # different k per side (a dropped expert shrinks k): {0, 1} vs {1} -> 1 - 1/2
+    assert routing_set_distance(np.array([[0, 1]]), np.array([[1]])).tolist() == [0.5]
+
+
+def test_routing_change_of_a_reversed_router(ckpt, faces):
+    from moescope.forward import forward_passes
+    from moescope.stats.agreement import RoutingChange
+
+    a = load_checkpoint(ckpt)
+    b = copy.deepcopy(a)
+    target = "layers.1.blocks.0.mlp"
+    with torch.no_grad():
+        moe_layers(b)[target].router.gate.weight.neg_()
+    images = torch.stack([preprocess(read_image(p), a.img_size) for p in faces])
+    change = RoutingChange()
+    for step in forward_passes([a, b], [images]):
+        change.update(step.passes[0].routing, step.passes[1].routing)
+    table = change.to_frame().set_index("layer")
+    assert (table.loc[["layers.0.blocks.0.mlp", "layers.0.blocks.1.mlp"], ["set_distance", "top1_changed"]] == 0).all().all()
+    # 3 experts, k=2: the reversed router's two largest logits share exactly one expert with the original's
+    assert table.loc[target, "top1_changed"] == 1 and table.loc[target, "set_distance"] == pytest.approx(2 / 3)
+    assert (table["tokens"] == len(faces) * np.array([400, 400, 100, 100, 25, 25])).all()

@@ -112,3 +112,67 @@ def test_bad_inputs_fail_with_one_line(argv, tmp_path, capsys):
     assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moescope: error: ") and "\n" not in err
+
+
+# --- the command line: command list, models --json, shared defaults ---------------------------
+
+
+def test_models_json_lists_the_registry(capsys):
+    from facemoe_model import list_models
+
+    assert main(["models", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["command"] == "models"
+    assert {r["name"]: r["description"] for r in result["tables"]["models"]} == list_models()
+    assert "facemoe_swin_tiny" in captured.err  # the human list goes to stderr with --json
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("facemoe_swin_official ")
+
+
+def test_a_command_that_fails_to_import_is_an_error(monkeypatch):
+    import importlib
+
+    import moescope.cli as cli
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "moescope.commands.info":
+            raise ImportError("No module named 'something_missing'")
+        return real(name, *args)
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    with pytest.raises(RuntimeError, match="'info' cannot be imported: No module named 'something_missing'"):
+        cli.build_parser()
+
+
+def test_train_defaults_are_train_config_defaults():
+    import dataclasses
+
+    from facemoe_model.train import TrainConfig
+    from moescope.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "run"])
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        option = {"head_scale": "scale", "head_margin": "margin"}.get(field.name, field.name)
+        if field.name in ("model", "model_args", "lowres", "hflip"):
+            continue  # no default on the command line: --model (None: TrainConfig's), --model-arg, --lowres, --no-hflip
+        assert getattr(args, option) == getattr(defaults, field.name), field.name
+    assert args.model is None and args.lowres is None and args.no_hflip is (not defaults.hflip)
+
+
+def test_default_checkpoint_literal_appears_once():
+    """``demo:after`` is written once in the CLI's code (commands, runners, options): the DEFAULT_CHECKPOINT constant."""
+    import re
+    from pathlib import Path
+
+    import moescope
+    from moescope.demo import DEFAULT_CHECKPOINT
+
+    root = Path(moescope.__file__).parent
+    files = [root / "demo.py", root / "options.py", root / "cli.py", *(root / "commands").glob("*.py"), *(root / "runners").glob("*.py")]
+    hits = [(p.relative_to(root).as_posix(), n) for p in files
+            for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"""["']demo:after["']""", line)]
+    assert DEFAULT_CHECKPOINT == "demo:after" and hits == [("demo.py", hits[0][1])], hits

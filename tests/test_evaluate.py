@@ -23,7 +23,7 @@ from facemoe_model.evaluate import (
     verification_accuracy,
     verification_metrics,
 )
-from moescope.errors import DataError
+from facemoe_model.errors import DataError
 
 
 def real_photos() -> list[np.ndarray]:
@@ -93,6 +93,70 @@ def test_embed_dataset_matches_embed_images(photo_batch):
     dataset = LabelledImages([(cv2.imencode(".png", p[:, :, ::-1])[1].tobytes(), i) for i, p in enumerate(photos)], [], "photos", size=64)
     model = small_net()
     np.testing.assert_allclose(embed_dataset(model, dataset, batch_size=3), embed_images(model, photo_batch), atol=1e-5)
+
+
+# --- the forward-pass loop (facemoe_model.inference) ------------------------------------------
+
+
+def test_eval_mode_restores_every_flag_also_on_errors():
+    from facemoe_model.inference import eval_mode
+
+    a, b = small_net().train(), small_net().train()
+    b[3].eval()
+    before = [m.training for m in (*a.modules(), *b.modules())]
+    with pytest.raises(RuntimeError):
+        with eval_mode(a, b):
+            assert not any(m.training for m in (*a.modules(), *b.modules()))
+            raise RuntimeError("boom")
+    assert [m.training for m in (*a.modules(), *b.modules())] == before
+
+
+def test_run_batches_inference_and_grad_paths(photo_batch):
+    from facemoe_model.data.images import normalise
+    from facemoe_model.inference import model_device, run_batches
+
+    model = small_net().train()
+    assert model_device(model) == torch.device("cpu") and model_device(nn.ReLU()) == torch.device("cpu")
+    outputs = run_batches(model, photo_batch.split(4))
+    first = next(outputs)
+    assert not model.training and first.is_inference() and not torch.is_inference_mode_enabled()  # not leaked between batches
+    rest = list(outputs)
+    assert model.training and [len(o) for o in [first, *rest]] == [4, 4, 2]
+    with torch.no_grad():
+        reference = model.eval()(photo_batch)
+    model.train()
+    torch.testing.assert_close(torch.cat([first, *rest]), reference)
+    # grad=True: a leaf in [0, 1] pixels, normalised on the way in, receives the gradient
+    x01 = ((photo_batch[:3] + 1) / 2).requires_grad_(True)
+    (out,) = run_batches(model, [normalise(x01)], grad=True)
+    out.pow(2).sum().backward()
+    assert x01.grad is not None and x01.grad.abs().sum() > 0 and model.training
+    # a batch that does not require grad becomes a leaf that does
+    (inputs, out), = run_batches(model, [photo_batch[:2].clone()], grad=True, with_inputs=True)
+    out.sum().backward()
+    assert inputs.requires_grad and inputs.grad.shape == (2, 3, 64, 64)
+
+
+def test_random_routing_embeddings_do_not_depend_on_batch_size():
+    """``ablate --random`` style: the same embeddings with batches of 7 and of 64."""
+    from facemoe_model.hooks import ExpertUsage
+    from facemoe_model.moe import RoutingOverride, override_routing
+    from moescope.demo import load_model
+
+    model = load_model("demo:after")
+    faces = [cv2.cvtColor((f * 255).round().astype(np.uint8), cv2.COLOR_GRAY2RGB) for f in lfw_subset()[:20]]
+    images = torch.stack([preprocess(f, model.img_size) for f in faces])
+    runs, usages = {}, {}
+    for batch_size in (7, 64):
+        with override_routing(model, RoutingOverride(random_seed=3)), ExpertUsage(model) as usage:
+            runs[batch_size] = embed_images(model, images, batch_size=batch_size)
+        usages[batch_size] = usage.counts
+    assert all(np.array_equal(usages[7][name], usages[64][name]) for name in usages[7])  # the same experts ran
+    np.testing.assert_allclose(runs[7], runs[64], atol=1e-5)
+    plain = embed_images(model, images)
+    assert np.abs(runs[64] - plain).max() > 100 * np.abs(runs[7] - runs[64]).max()  # random routing did change them
+    with override_routing(model, RoutingOverride(random_seed=4)):
+        assert np.abs(embed_images(model, images) - runs[64]).max() > 100 * np.abs(runs[7] - runs[64]).max()
 
 
 # --- verification: hand-worked cases -------------------------------------------------------
@@ -270,3 +334,20 @@ def test_verification_on_real_photos():
     assert metrics["pairs"] == 20 and metrics["accuracy"] == 1.0 and metrics["accuracy_std"] == 0.0
     # 10 impostors: FAR 1e-1 lets 1 through and every genuine pair beats the 2nd best impostor; 1e-2 is unmeasurable
     assert metrics["TAR@FAR=1e-01"] == 1.0 and np.isnan(metrics["TAR@FAR=1e-02"])
+
+
+def test_random_routing_keys_follow_the_image_not_its_position():
+    """Through the protocols' cache an image's random routing is a function of its content."""
+    from facemoe_model.moe import RoutingOverride, override_routing
+    from facemoe_model.protocols import EmbeddingCache, source_key
+    from moescope.demo import load_model
+
+    model = load_model("demo:after")
+    encoded = [cv2.imencode(".png", (f * 255).round().astype(np.uint8))[1].tobytes() for f in lfw_subset()[:10]]
+    forward = LabelledImages([(e, i) for i, e in enumerate(encoded)], [], "forward", size=model.img_size)
+    backward = LabelledImages([(e, i) for i, e in enumerate(encoded[::-1])], [], "backward", size=model.img_size)
+    assert len({source_key(e) for e in encoded}) == 10 and all(0 <= source_key(e) < 2**62 for e in encoded)
+    with override_routing(model, RoutingOverride(random_seed=5)):
+        a = EmbeddingCache(model, batch_size=3)(forward)
+        b = EmbeddingCache(model, batch_size=64)(backward)
+    np.testing.assert_allclose(a, b[::-1], atol=1e-5)

@@ -10,15 +10,17 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-import moescope.interventions as interventions
+import moescope.forward as forward_module
 from facemoe_model import create_model, moe_layers
-from facemoe_model.data.datasets import preprocess
+from facemoe_model.data.images import preprocess
+from facemoe_model.hooks import ExpertUsage
 from facemoe_model.evaluate import embed_images
 from facemoe_model.margin_heads import CosFace
 from facemoe_model.protocols import evaluate, load_protocols, write_split
 from moescope.errors import MoescopeError
-from moescope.interventions import ablate_experts, plan_interventions
-from moescope.trace import ExpertUsage
+from moescope.interventions import plan_interventions
+from moescope.runners.ablate import ablate_experts
+from moescope.stats.usage import usage_table
 from moescope.trace import RoutingTrace
 
 IDENTITIES, SHOTS = 6, 2
@@ -171,14 +173,14 @@ def test_intervention_restores_the_model_exactly(tiny, images, spec):
 
 
 def test_ablation_restores_the_model_after_an_exception_mid_run(tiny, data, images, monkeypatch):
-    real = interventions.evaluate
+    real = forward_module.evaluate  # the protocols' evaluation, as the ablation runs it
 
     def failing(model, *args, **kwargs):
         if any(layer.override is not None for layer in moe_layers(model).values()):
             raise RuntimeError("failure while an intervention is active")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(interventions, "evaluate", failing)
+    monkeypatch.setattr(forward_module, "evaluate", failing)
     before, clean = snapshot(tiny), forward(tiny, images)
     with pytest.raises(RuntimeError, match="intervention is active"):
         ablate_experts(tiny, data, plan_interventions(tiny, switch=[None]), progress=False)
@@ -237,7 +239,7 @@ def test_random_routing_is_deterministic_for_a_seed(tiny, images):
         (intervention,) = plan_interventions(tiny, random=True, seed=seed)
         with intervention.apply(tiny), ExpertUsage(tiny) as counter:
             embed_images(tiny, images, batch_size=3)
-        return counter.table()
+        return usage_table(counter.counts)
 
     a, b, c = usage(3), usage(3), usage(4)
     assert a.equals(b) and not a["assignments"].equals(c["assignments"])

@@ -1,4 +1,4 @@
-"""Face Mesh detection, landmark cache, image loading and the aligned-face template, on real photos."""
+"""Face Mesh detection, landmark cache, the image path (facemoe_model.data.images) and the aligned-face template, on real photos."""
 from __future__ import annotations
 
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from facemoe_model.data.images import list_images, read_image
 from moescope import landmarks as lm
 from moescope.errors import DataError
 
@@ -21,7 +22,7 @@ def lfw_faces() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    grace_hopper = lm.load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    grace_hopper = read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     return {"astronaut": skimage.data.astronaut(), "grace_hopper": grace_hopper}
 
 
@@ -168,18 +169,18 @@ def test_cache_key_depends_on_pixels_shape_and_settings(monkeypatch):
 # ------------------------------------------------------------------------------------------- files
 
 
-def test_load_image_round_trips_png_and_greyscale(tmp_path):
+def test_read_image_round_trips_png_and_greyscale(tmp_path):
     astronaut = skimage.data.astronaut()
     cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
-    np.testing.assert_array_equal(lm.load_image(tmp_path / "a.png"), astronaut)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), astronaut)
     camera = skimage.data.camera()
     cv2.imwrite(str(tmp_path / "g.png"), camera)
-    loaded = lm.load_image(tmp_path / "g.png")
+    loaded = read_image(tmp_path / "g.png")
     assert loaded.shape == camera.shape + (3,) and (loaded == camera[..., None]).all()
 
 
 @pytest.mark.parametrize("case", ["text", "empty", "truncated", "missing", "folder"])
-def test_load_image_raises_data_error_naming_file(tmp_path, case):
+def test_read_image_raises_data_error_naming_file(tmp_path, case):
     path = tmp_path / "face.jpg"
     if case == "text":
         path.write_text("this is not a JPEG\n")
@@ -191,27 +192,27 @@ def test_load_image_raises_data_error_naming_file(tmp_path, case):
     elif case == "folder":
         path.mkdir()
     with pytest.raises(DataError) as error:
-        lm.load_image(path)
+        read_image(path)
     message = str(error.value)
     assert str(path) in message and "\n" not in message
 
 
-def test_find_images_recursive_sorted(tmp_path):
+def test_list_images_recursive_sorted(tmp_path):
     ok, png = cv2.imencode(".png", lfw_faces()[0])
     for name in ["b/2.PNG", "b/10.png", "a/x.jpg", "top.webp", ".hidden/y.png", "a/._z.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(png.tobytes())
     (tmp_path / "a" / "notes.txt").write_text("not an image")
-    found = [p.relative_to(tmp_path).as_posix() for p in lm.find_images(tmp_path)]
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert found == ["a/x.jpg", "b/10.png", "b/2.PNG", "top.webp"]
 
 
-def test_find_images_raises_on_missing_or_empty(tmp_path):
+def test_list_images_raises_on_missing_or_empty(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        lm.find_images(tmp_path / "nope")
+        list_images(tmp_path / "nope")
     (tmp_path / "only.txt").write_text("text")
     with pytest.raises(DataError, match=str(tmp_path)):
-        lm.find_images(tmp_path)
+        list_images(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- template

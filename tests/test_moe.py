@@ -146,3 +146,215 @@ def test_router_gets_gradients_through_logit_weights():
     out = layer(torch.randn(2, 5, 8))
     (out.sum() + layer.aux_loss).backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+# --- route(), the frozen override, timm's Mlp, the shared MoE config --------------------------
+
+
+def test_route_returns_a_router_output_and_experts_are_timm_mlps():
+    from timm.layers import Mlp
+
+    from facemoe_model.moe import RouterOutput
+
+    torch.manual_seed(9)
+    layer = MoELayer(8, 16, 3, 2)
+    r = layer.route(torch.randn(12, 8), batch_size=3, grid=(2, 2))
+    assert isinstance(r, RouterOutput) and r.batch_size == 3 and r.tokens_per_image == 4 and r.grid == (2, 2)
+    assert all(type(e) is Mlp for e in layer.experts)
+    assert {k.split(".", 2)[2] for k in layer.state_dict() if k.startswith("experts.")} == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_routing_override_holds_no_mutable_state():
+    import dataclasses
+
+    o = RoutingOverride(random_seed=3, dropped=(1,))
+    assert [f.name for f in dataclasses.fields(o)] == ["dropped", "permutation", "random_seed", "k"]
+    assert hash(o) == hash(RoutingOverride(random_seed=3, dropped=(1,)))  # frozen, comparable values only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.random_seed = 4
+
+
+@pytest.mark.parametrize("name,grid_tokens", [("facemoe_swin_tiny", None), ("facemoe_vit_tiny", 196)])
+def test_swin_and_vit_share_one_moe_config(name, grid_tokens):
+    from facemoe_model import MoEConfig, create_model, moe_layers
+
+    model = create_model(name, top_k=1, weighting="softmax", renormalize=True, aux_loss="switch", num_experts=4, depth=2) if "vit" in name \
+        else create_model(name, top_k=1, weighting="softmax", renormalize=True, aux_loss="switch", num_experts=4)
+    assert model.moe_config == MoEConfig(num_experts=4, top_k=1, weighting="softmax", renormalize=True, aux_loss="switch")
+    for layer in moe_layers(model).values():
+        assert (layer.num_experts, layer.k, layer.weighting, layer.renormalize, layer.aux_loss_kind) == (4, 1, "softmax", True, "switch")
+    with pytest.raises(TypeError, match="no_such_option"):
+        create_model(name, no_such_option=1)
+
+
+# --- random routing: a pure function of (seed, layer, image key, token, expert) ---------------
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix_reference(x: int) -> int:
+    """splitmix64's step on Python ints (uint64 arithmetic, written from the published constants)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def test_random_scores_are_splitmix64_of_seed_layer_image_token_expert():
+    from facemoe_model.moe import random_scores
+
+    seed, salt, keys, tokens, experts = 12345, -987654321987, torch.tensor([0, 7, -3, 2**40]), 5, 3
+    scores = random_scores(seed, salt, keys, tokens, experts)
+    assert scores.shape == (4 * 5, 3) and (scores >= 0).all()
+    base = splitmix_reference(splitmix_reference(seed) ^ (salt & MASK64))
+    for b, key in enumerate(keys.tolist()):
+        image = splitmix_reference(base ^ (key & MASK64))
+        for t in range(tokens):
+            for e in range(experts):
+                assert scores[b * tokens + t, e].item() == splitmix_reference(image ^ (t * experts + e)) >> 1
+
+
+def _random_topk(layer, x, keys=None):
+    from facemoe_model.moe import sample_keys
+
+    with sample_keys(layer, keys):
+        return _routes(layer, x)[1].topk_indices.reshape(len(x), -1, layer.effective_k)
+
+
+def test_random_routing_does_not_depend_on_batching():
+    from facemoe_model.moe import sample_keys
+
+    torch.manual_seed(10)
+    layer = MoELayer(8, 16, 4, 2).eval()
+    x = torch.randn(12, 9, 8)
+    with override_routing(layer, RoutingOverride(random_seed=5, dropped=(3,))):
+        whole = _random_topk(layer, x)
+    with override_routing(layer, RoutingOverride(random_seed=5, dropped=(3,))):
+        pieces = torch.cat([_random_topk(layer, x[a:b]) for a, b in ((0, 1), (1, 5), (5, 12))])
+    assert torch.equal(whole, pieces) and not (whole == 3).any()
+    order = torch.randperm(12)
+    with override_routing(layer, RoutingOverride(random_seed=5, dropped=(3,))):
+        shuffled = _random_topk(layer, x[order], keys=order)  # explicit keys: the images' own numbers
+    assert torch.equal(shuffled, whole[order])
+    with override_routing(layer, RoutingOverride(random_seed=6, dropped=(3,))):
+        other_seed = _random_topk(layer, x)
+    assert (other_seed != whole).float().mean() > 0.3
+    with pytest.raises(ValueError, match="3 keys for a batch of 12"):
+        with override_routing(layer, RoutingOverride(random_seed=5)), sample_keys(layer, [0, 1, 2]):
+            layer(x)
+
+
+def test_random_routing_differs_between_layers_and_restores_exactly():
+    from facemoe_model import create_model, moe_layers
+
+    torch.manual_seed(11)
+    model = create_model("facemoe_vit_tiny", depth=2).eval()
+    first, second = moe_layers(model)
+    seen = {}
+    handles = [layer.hook_routing.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.topk_indices))
+               for n, layer in moe_layers(model).items()]
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad(), override_routing(model, RoutingOverride(random_seed=1)):
+        model(x)
+        layer = moe_layers(model)[first]
+        state = (layer.override, layer._images_seen, layer.random_salt)
+        with override_routing(model, RoutingOverride(dropped=(0,)), layers=[first]):
+            model(x)
+        assert (layer.override, layer._images_seen, layer.random_salt) == state  # the outer override continues
+    for h in handles:
+        h.remove()
+    assert layer.override is None and layer.random_salt == 0
+    assert (seen[first] != seen[second]).any()  # layer names salt the draws
+
+
+# --- the per-expert output hook point -------------------------------------------------------
+
+
+def _expert_outputs(layer, x):
+    seen = []
+    handle = layer.hook_expert_outputs.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        out = layer(x)
+    finally:
+        handle.remove()
+    return out, seen[0]
+
+
+def test_expert_outputs_hook_k1_norms_add_up_and_unused_experts_are_zero():
+    torch.manual_seed(12)
+    layer = MoELayer(8, 16, 3, 1).eval()
+    x = torch.randn(2, 3, 4, 8)
+    out, rec = _expert_outputs(layer, x)
+    assert rec.contributions.shape == (24, 3, 8) and rec.batch_size == 2 and rec.grid == (3, 4)
+    flat = out.reshape(-1, 8)
+    torch.testing.assert_close(rec.contributions.norm(dim=-1).sum(-1), flat.norm(dim=-1))
+    ran = torch.zeros(24, 3, dtype=torch.bool).scatter_(1, rec.topk_indices, True)
+    assert (rec.contributions[~ran] == 0).all() and (rec.contributions[ran].norm(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("override", [None, RoutingOverride(permutation=(2, 0, 1)), RoutingOverride(dropped=(1,))])
+def test_expert_outputs_sum_to_the_layer_output_and_match_a_dense_reference(override):
+    torch.manual_seed(13)
+    layer = MoELayer(8, 16, 3, 2).eval()
+    x = torch.randn(2, 7, 8)
+    with override_routing(layer, override or RoutingOverride()):
+        out, rec = _expert_outputs(layer, x)
+        routing = _routes(layer, x)[1]
+    flat = x.reshape(-1, 8)
+    expected = torch.zeros(14, 3, 8)
+    for t in range(14):
+        for e, w in zip(routing.topk_indices[t].tolist(), routing.combine_weights[t]):
+            expected[t, e] += w * layer.experts[e](flat[t])
+    torch.testing.assert_close(rec.contributions, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rec.contributions.sum(1), out.reshape(-1, 8), atol=1e-6, rtol=1e-5)
+
+
+def test_expert_outputs_are_computed_only_when_observed(monkeypatch):
+    layer = MoELayer(8, 16, 3, 2).eval()
+    calls = []
+    original = layer._dispatch
+    monkeypatch.setattr(layer, "_dispatch", lambda *a, contributions: calls.append(contributions) or original(*a, contributions=contributions))
+    x = torch.randn(1, 5, 8)
+    plain = layer(x)
+    observed, _ = _expert_outputs(layer, x)
+    assert calls == [False, True] and torch.equal(plain, observed)
+
+
+# --- ExpertUsage: the one expert-usage counter ------------------------------------------------
+
+
+def test_expert_usage_counts_grid_tokens_as_an_independent_count():
+    from facemoe_model.hooks import ExpertUsage
+
+    torch.manual_seed(14)
+    layer = MoELayer(8, 16, 4, 2, token_grid=(2, 3), num_prefix_tokens=1).eval()
+    xs = [torch.randn(3, 7, 8), torch.randn(2, 7, 8)]
+    with ExpertUsage(layer) as usage:
+        for x in xs:
+            layer(x)
+    expected = torch.zeros(4, dtype=torch.int64)
+    for x in xs:  # router top-k recomputed from the weights, prefix token (position 0) left out
+        logits = x[:, 1:].reshape(-1, 8) @ layer.router.gate.weight.T
+        expected += torch.bincount(logits.topk(2, -1).indices.flatten(), minlength=4)
+    assert usage.counts[""].tolist() == expected.tolist() and usage.total.tolist() == expected.tolist()
+    assert usage.counts[""].sum() == 2 * (3 + 2) * 6
+    torch.testing.assert_close(torch.as_tensor(usage.shares()[""]), expected.double() / expected.sum())
+    assert not layer.hook_routing._forward_hooks  # removed on exit; counts kept
+    usage.reset()
+    assert usage.counts[""].tolist() == [0, 0, 0, 0] and all(map(__import__("math").isnan, usage.shares()[""]))
+
+
+def test_expert_usage_training_only_and_hooks_removed_on_error():
+    from facemoe_model.hooks import ExpertUsage
+
+    layer = MoELayer(8, 16, 3, 2)
+    x = torch.randn(2, 5, 8)
+    with ExpertUsage(layer, training_only=True) as usage:
+        layer.eval()(x)
+        assert usage.counts[""].sum() == 0
+        layer.train()(x)
+        assert usage.counts[""].sum() == 2 * 5 * 2
+    with pytest.raises(RuntimeError):
+        with ExpertUsage(layer):
+            raise RuntimeError("boom")
+    assert not layer.hook_routing._forward_hooks

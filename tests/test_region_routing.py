@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moescope.region_routing import RegionRoutingCounts, compare_tables, layer_group, paper_table, specialisation_table
 from moescope.regions import REGIONS
+from moescope.stats.regions import RegionRoutingCounts, compare_tables, layer_group, paper_table
 from moescope.trace import LayerRouting
 
 R = len(REGIONS)
@@ -99,7 +99,7 @@ def test_paper_table_dominant_and_nmi_extremes():
     counts.update({"m.mlp": record(topk, grid=(1, R))}, {(1, R): fractions(labels, grid=(1, R))})
     paper = paper_table(counts.table(n_boot=0))
     assert list(paper["Dominant Expert"]) == [f"Expert {r % 3}" for r in range(R)]
-    spec = specialisation_table(counts)
+    spec = counts.specialisation()
     nmi = spec[spec["metric"] == "nmi"]["value"].item()
     hr, he = np.log2(R), -sum(p * np.log2(p) for p in np.bincount(np.arange(R) % 3) / R)
     assert nmi == pytest.approx(he / np.sqrt(hr * he))  # I(R;E) = H(E) when E is a function of R
@@ -109,7 +109,7 @@ def test_paper_table_dominant_and_nmi_extremes():
     topk_flat = np.array([[[e, (e + 1) % 3] for e in range(3)] * R])
     labels_flat = np.repeat(np.arange(R), 3)[None]
     flat.update({"m.mlp": record(topk_flat, grid=(1, 3 * R))}, {(1, 3 * R): fractions(labels_flat, grid=(1, 3 * R))})
-    spec = specialisation_table(flat)
+    spec = flat.specialisation()
     assert spec[spec["metric"] == "nmi"]["value"].item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -123,3 +123,17 @@ def test_compare_delta_and_expert_mismatch():
     np.testing.assert_allclose(eyes, [-50, 50, 0])
     with pytest.raises(ValueError, match="mismatched expert counts"):
         a.update({"m.mlp": record([[[0, 1], [0, 1]]], num_experts=4)}, {(1, 2): fractions([[0, 0]])})
+
+
+def test_heatmap_is_a_figure_and_leaves_the_backend_alone():
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from moescope.plotting import region_routing_heatmap
+
+    counts = RegionRoutingCounts(["a", "b"], 3, by="layer")
+    counts.update({"a": record([[[0, 1], [2, 0]]]), "b": record([[[1, 2], [1, 0]]])}, {(1, 2): fractions([[0, 1]])})
+    backend = matplotlib.get_backend()
+    fig = region_routing_heatmap({"m": paper_table(counts.table(n_boot=0))})
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 and matplotlib.get_backend() == backend
+    assert [ax.get_title() for ax in fig.axes] == ["m [a]", "m [b]"]

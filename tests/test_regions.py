@@ -10,7 +10,8 @@ import pytest
 import skimage.data
 from matplotlib.path import Path as PolygonPath
 
-from moescope.landmarks import ALIGNED_FIVE_POINTS, detect_landmarks, five_points, load_image, template_landmarks
+from facemoe_model.data.images import read_image
+from moescope.landmarks import ALIGNED_FIVE_POINTS, detect_landmarks, five_points, template_landmarks
 from moescope.regions import REGIONS, _outlines, hard_labels, pool_to_grid, region_labels, region_masks
 
 EYES, NOSE, MOUTH, FOREHEAD, CHEEKS, CHIN, BACKGROUND = range(len(REGIONS))
@@ -21,7 +22,7 @@ def faces() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Real photos with their detected landmarks."""
     photos = {
         "astronaut": skimage.data.astronaut(),
-        "grace_hopper": load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)),
+        "grace_hopper": read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)),
     }
     found = detect_landmarks(list(photos.values()), use_cache=False, progress=False)
     assert all(points is not None for points in found)

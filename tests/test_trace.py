@@ -93,3 +93,76 @@ def test_vit_prefix_free_grid():
         vit(torch.randn(1, 3, 112, 112))
         routing = trace.pop()
     assert [r.grid for r in routing.values()] == [(14, 14), (14, 14)]
+
+
+# --- the forward helper (moescope.forward) ---------------------------------------------------
+
+
+def _faces(n: int):
+    import numpy as np
+    import skimage.data
+
+    grey = np.round(skimage.data.lfw_subset()[:n] * 255).astype(np.uint8)
+    return [np.repeat(face[..., None], 3, axis=2) for face in grey]
+
+
+def test_forward_passes_without_grad_equal_a_plain_traced_pass(model):
+    from facemoe_model.data.images import preprocess
+    from moescope.forward import forward_passes
+
+    x = torch.stack([preprocess(face, model.img_size) for face in _faces(3)])
+    with torch.no_grad(), RoutingTrace(model) as trace:
+        expected_out = model(x)
+        expected = trace.pop()
+    other = create_model("facemoe_swin_tiny").eval()
+    steps = list(forward_passes([model, other], [x, x[:2]], features=["norm"]))
+    assert [s.batch.shape[0] for s in steps] == [3, 2] and all(len(s.passes) == 2 for s in steps)
+    first = steps[0].passes[0]
+    assert torch.equal(first.outputs, expected_out) and not first.outputs.requires_grad
+    assert list(first.routing) == list(expected)
+    for name, r in expected.items():
+        assert (first.routing[name].topk == r.topk).all()
+    assert first.features["norm"].shape[0] == 3
+    assert _hook_count(model) == _hook_count(other) == 0
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_forward_passes_grad_path_and_restored_modes():
+    from facemoe_model.data.images import normalise, to_unit_tensor
+    from moescope.forward import forward_passes
+
+    torch.manual_seed(0)
+    model = create_model("facemoe_swin_tiny").train()
+    x01 = torch.stack([to_unit_tensor(face, model.img_size) for face in _faces(2)]).requires_grad_()
+    for keep_graph in (False, True):
+        (step,) = list(forward_passes([model], [normalise(x01)], features=["norm"], grad=True, keep_graph=keep_graph))
+        (p,) = step.passes
+        assert p.inputs.requires_grad and p.outputs.requires_grad
+        assert p.features["norm"].requires_grad == keep_graph  # captured tensors detached unless asked
+        assert all(r.topk.shape[0] == 2 for r in p.routing.values())
+        x01.grad = None
+        p.outputs.sum().backward()
+        assert x01.grad is not None and x01.grad.abs().sum() > 0  # gradients reach the [0, 1] image
+        assert all(m.training for m in model.modules())  # ran in eval mode, train mode restored
+    with torch.no_grad():
+        model.eval()
+        reference = model(normalise(x01))
+    model.train()
+    (step,) = list(forward_passes([model], [normalise(x01).detach()], grad=True))
+    torch.testing.assert_close(step.passes[0].outputs.detach(), reference)  # same numbers as inference
+
+
+def test_forward_passes_restore_model_when_the_forward_fails():
+    from moescope.forward import forward_passes
+
+    torch.manual_seed(0)
+    model = create_model("facemoe_swin_tiny").train()
+
+    def fail(x):
+        raise RuntimeError("boom")
+
+    model.layers[1].blocks[0].forward = fail
+    with pytest.raises(RuntimeError, match="boom"):
+        list(forward_passes([model], [torch.zeros(1, 3, 120, 120)], features=["norm"]))
+    assert all(m.training for m in model.modules())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0

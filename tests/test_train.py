@@ -102,3 +102,19 @@ def test_bad_training_inputs_fail_in_one_line(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len([e for e in errors if e.startswith("moescope: error: ")]) == 4
     assert "Traceback" not in "\n".join(errors)
+
+
+def test_log_csv_is_what_pandas_reads_back():
+    """log.csv is written without pandas: columns in first-appearance order, blanks for missing/NaN."""
+    from facemoe_model.train import _log_csv
+
+    rows = [
+        {"epoch": 1, "lr": 1e-3, "face_loss": 2.5, "load_l_e0": 0.25, "seconds": 1.5},
+        {"epoch": 2, "lr": 5.000000000000001e-4, "face_loss": 2.0, "load_l_e0": 1 / 3, "val_hr_rank1": float("nan"), "seconds": 3.0},
+        {"epoch": 3, "lr": 0.0, "face_loss": 1.0, "load_l_e0": 0.5, "val_hr_rank1": 0.75, "seconds": 4.0},
+    ]
+    text = _log_csv(rows)
+    assert text.splitlines()[0] == "epoch,lr,face_loss,load_l_e0,seconds,val_hr_rank1"
+    ours = pd.read_csv(io.StringIO(text))
+    pd.testing.assert_frame_equal(ours, pd.read_csv(io.StringIO(pd.DataFrame(rows).to_csv(index=False))))
+    assert ours["load_l_e0"][1] == 1 / 3  # full precision

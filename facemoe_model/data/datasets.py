@@ -1,8 +1,9 @@
 """Real face data: identity folders, verification pairs, gallery/probe splits, insightface ``.bin`` sets.
 
 Every loader is a torch ``Dataset`` of ``(image_tensor, label)`` built on :class:`LabelledImages`.
-Images are decoded with OpenCV from their bytes and preprocessed by :func:`preprocess` unless a
-``transform`` is given. Each file is decoded once when the dataset is built, so files that
+Images are decoded and preprocessed on the image path (:mod:`facemoe_model.data.images`:
+:func:`~facemoe_model.data.images.decode_image`, :func:`~facemoe_model.data.images.preprocess`)
+unless a ``transform`` is given. Each file is decoded once when the dataset is built, so files that
 cannot be read or are not images are skipped up front (listed in ``skipped`` and reported by
 one warning line) instead of failing in the middle of a long run; hidden files and folders
 (names starting with ``.``) are ignored. No readable image at all raises :class:`DataError`.
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..evaluate import consecutive_folds
+from .images import INPUT_SIZE, decode_image, identity_folders, list_identity_folders, preprocess, unreadable_reason, visible_files
 
 __all__ = [
     "INPUT_SIZE",
@@ -39,64 +40,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INPUT_SIZE = 120
-"""Input side of the official FaceMoE network (112x112 aligned crops resized to 120)."""
-
 Transform = Callable[[np.ndarray], torch.Tensor]
 ImageSource = Path | bytes
 
 
-def preprocess(image: np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
-    """Resize an RGB ``uint8`` image (HxWx3, or HxW grey) to ``size`` x ``size`` and normalise it.
-
-    Square resize without crop (bilinear, OpenCV ``INTER_LINEAR``), then
-    ``(x / 255 - 0.5) / 0.5`` so values lie in [-1, 1]. Returns a float32 tensor [3, size, size].
-    """
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"preprocess expects a uint8 HxWx3 RGB or HxW grey image, got {image.dtype} {image.shape}")
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(resized).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def decode_image(data: bytes) -> np.ndarray | None:
-    """Decode encoded image bytes (JPEG, PNG, ...) to an RGB ``uint8`` HxWx3 array; None if not an image."""
-    try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def _source_bytes(source: ImageSource) -> bytes:
     return source.read_bytes() if isinstance(source, Path) else source
-
-
-def _unreadable_reason(source: ImageSource) -> str | None:
-    """Why ``source`` cannot be used as an image, or None when it decodes."""
-    try:
-        data = _source_bytes(source)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        return f"unreadable ({type(exc).__name__})"
-    return None if decode_image(data) is not None else "not a decodable image"
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under ``folder`` (recursively, sorted), hidden files and folders excluded."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return found
-
-
-def _identity_folders(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 class LabelledImages(Dataset):
@@ -126,7 +75,7 @@ class LabelledImages(Dataset):
         self.skipped = list(skipped)
         kept = []
         for position, (source, label) in enumerate(candidates):
-            if (reason := _unreadable_reason(source)) is None:
+            if (reason := unreadable_reason(source)) is None:
                 kept.append((source, label))
             else:
                 self.skipped.append((source if isinstance(source, Path) else f"{self.origin}[{position}]", reason))
@@ -171,11 +120,9 @@ class ImageFolder(LabelledImages):
     """
 
     def __init__(self, root: str | os.PathLike, size: int = INPUT_SIZE, transform: Transform | None = None) -> None:
-        root = Path(root)
-        folders = _identity_folders(root)
-        candidates = [(path, label) for label, folder in enumerate(folders) for path in _visible_files(folder)]
-        stray = [(p, "not inside an identity folder") for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
-        super().__init__(candidates, [f.name for f in folders], root, size, transform, stray)
+        listing = list_identity_folders(root)
+        stray = [(p, "not inside an identity folder") for p in listing.stray]
+        super().__init__(listing.files, listing.classes, listing.root, size, transform, stray)
         self._warn_skipped()
 
 
@@ -194,14 +141,14 @@ def gallery_probe_split(root: str | os.PathLike, size: int = INPUT_SIZE, transfo
     (any depth under ``distractors/``) joins the gallery with label -1.
     """
     root = Path(root)
-    gallery_folders, probe_folders = _identity_folders(root / "gallery"), _identity_folders(root / "probe")
+    gallery_folders, probe_folders = identity_folders(root / "gallery"), identity_folders(root / "probe")
     classes = sorted({f.name for f in gallery_folders} | {f.name for f in probe_folders})
     label_of = {name: label for label, name in enumerate(classes)}
 
     def candidates(folders: list[Path]) -> list[tuple[Path, int]]:
-        return [(path, label_of[folder.name]) for folder in folders for path in _visible_files(folder)]
+        return [(path, label_of[folder.name]) for folder in folders for path in visible_files(folder)]
 
-    distractors = [(path, -1) for path in _visible_files(root / "distractors")]  # none when the folder is absent
+    distractors = [(path, -1) for path in visible_files(root / "distractors")]  # none when the folder is absent
     gallery_candidates = candidates(gallery_folders) + distractors
     split = GalleryProbe(
         gallery=LabelledImages(gallery_candidates, classes, root / "gallery", size, transform),

@@ -222,7 +222,7 @@ class FaceSample:
     ``image``: RGB uint8 [H, W, 3]; ``masks``: bool [7, H, W] in :data:`REGION_NAMES`
     order, a partition (every pixel in exactly one region); ``landmarks``: float32 [5, 2]
     (x, y) in continuous pixel coordinates (pixel (row, col) covers [col, col + 1) x [row, row + 1),
-    as in :mod:`moescope.landmarks`) in :data:`LANDMARK_NAMES` order.
+    the landmark convention of the analyses) in :data:`LANDMARK_NAMES` order.
     """
 
     image: np.ndarray
@@ -842,7 +842,8 @@ def _paint_face(c: _Canvas, f: FaceIdentity, n: FaceNuisance, g: _Geometry) -> N
 
 def _region_labels(c: _Canvas, f: FaceIdentity, g: _Geometry) -> np.ndarray:
     """Region index (into :data:`REGION_NAMES`) of every canvas pixel, with the definitions and
-    precedence of :mod:`moescope.regions` applied to the true outlines."""
+    precedence of :mod:`facemoe_model.geometry` (``docs/analyses.md``, "Facial regions") applied
+    to the true outlines."""
 
     def fill(polygons: list[np.ndarray]) -> np.ndarray:
         mask = np.zeros(c.shape, np.uint8)

@@ -15,8 +15,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
 
-from ..moe import MoELayer, total_aux_loss
-from .heads import feature_layer
+from ..moe import MoEConfig
+from .heads import MoEBackbone, init_linear
 
 __all__ = ["FaceMoESwin", "SwinStage"]
 
@@ -32,7 +32,7 @@ class SwinStage(nn.Module):
         num_heads: int,
         window_size: int,
         downsample: bool,
-        moe_kwargs: dict,
+        moe: MoEConfig,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -54,7 +54,7 @@ class SwinStage(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=drop_path[j] if drop_path else 0.0,
             )
-            block.mlp = MoELayer(dim, int(dim * mlp_ratio), token_grid=resolution, dropout=drop_rate, **moe_kwargs)
+            block.mlp = moe.layer(dim, int(dim * mlp_ratio), dropout=drop_rate, token_grid=resolution)
             self.blocks.append(block)
         self.downsample = PatchMerging(dim, 2 * dim) if downsample else None
 
@@ -66,7 +66,7 @@ class SwinStage(nn.Module):
         return x
 
 
-class FaceMoESwin(nn.Module):
+class FaceMoESwin(MoEBackbone, nn.Module):
     """FaceMoE Swin: patch embed (+ absolute position), Swin stages with MoE MLPs, final norm,
     flattened tokens, ``feature_layer`` embedding head.
 
@@ -77,9 +77,9 @@ class FaceMoESwin(nn.Module):
         depths / num_heads: blocks and attention heads per stage.
         window_size: attention window (shrinks to the stage resolution when larger).
         ape: add the absolute position embedding ``absolute_pos_embed``.
-        num_experts / top_k / weighting / renormalize / aux_loss: MoE settings
-            (see :class:`~facemoe_model.moe.MoELayer`).
         embedding_dim: output embedding size; head_dropout: dropout inside ``feature_layer``.
+        **moe: the MoE settings, fields of :class:`~facemoe_model.moe.MoEConfig`
+            (``num_experts``, ``top_k``, ``weighting``, ``renormalize``, ``aux_loss``, ...).
 
     ``forward(x)`` maps normalised images ``[B, 3, img_size, img_size]`` to embeddings
     ``[B, embedding_dim]``; ``aux_loss()`` sums the MoE layers' auxiliary losses of the last
@@ -98,18 +98,15 @@ class FaceMoESwin(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         ape: bool = True,
-        num_experts: int = 3,
-        top_k: int = 2,
-        weighting: str = "logits",
-        renormalize: bool = False,
-        aux_loss: str = "official",
         embedding_dim: int = 512,
         head_dropout: float = 0.25,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        **moe,
     ) -> None:
         super().__init__()
+        moe_config = self._setup_moe(moe)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
         self.img_size = img_size
@@ -120,7 +117,6 @@ class FaceMoESwin(nn.Module):
         grid = self.patch_embed.grid_size
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim)) if ape else None
         self.pos_drop = nn.Dropout(drop_rate)
-        moe_kwargs = dict(num_experts=num_experts, k=top_k, weighting=weighting, renormalize=renormalize, aux_loss=aux_loss)
         n_blocks = sum(depths)
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.layers = nn.ModuleList()
@@ -129,7 +125,7 @@ class FaceMoESwin(nn.Module):
             last = i == len(depths) - 1
             self.layers.append(
                 SwinStage(
-                    dim, res, depth, heads, window_size, downsample=not last, moe_kwargs=moe_kwargs,
+                    dim, res, depth, heads, window_size, downsample=not last, moe=moe_config,
                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                 )
@@ -137,10 +133,9 @@ class FaceMoESwin(nn.Module):
             if not last:
                 dim, res = 2 * dim, ((res[0] + 1) // 2, (res[1] + 1) // 2)
         self.num_features = dim
-        self.final_grid = res
         self.norm = nn.LayerNorm(dim)
-        self.feature_layer = feature_layer(dim * res[0] * res[1], embedding_dim, head_dropout)
-        self.apply(_init_weights)
+        self._setup_head(dim, res, embedding_dim, head_dropout)
+        self.apply(init_linear)
         if self.absolute_pos_embed is not None:
             trunc_normal_(self.absolute_pos_embed, std=0.02)
 
@@ -156,17 +151,3 @@ class FaceMoESwin(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature_layer(self.forward_features(x).flatten(1))
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of every MoE layer's auxiliary loss from the last forward pass."""
-        return total_aux_loss(self)
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)

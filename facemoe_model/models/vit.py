@@ -5,21 +5,23 @@ Swin model (the insightface ViT recipe). Module names are timm's (``blocks.3.mlp
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..moe import MoELayer, total_aux_loss
-from .heads import feature_layer
+from .heads import MoEBackbone, init_linear
 
 __all__ = ["FaceMoEViT"]
 
 
-class FaceMoEViT(VisionTransformer):
+class FaceMoEViT(MoEBackbone, VisionTransformer):
     """FaceMoE ViT: timm ``VisionTransformer`` whose blocks' ``mlp`` are MoE layers.
 
     Args mirror :class:`~facemoe_model.models.swin.FaceMoESwin` (``depth`` and
-    ``num_heads`` are single numbers). ``forward(x)`` returns embeddings.
+    ``num_heads`` are single numbers; ``**moe`` are the :class:`~facemoe_model.moe.MoEConfig`
+    fields). ``forward(x)`` returns embeddings.
     """
 
     def __init__(
@@ -32,16 +34,12 @@ class FaceMoEViT(VisionTransformer):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        num_experts: int = 3,
-        top_k: int = 2,
-        weighting: str = "logits",
-        renormalize: bool = False,
-        aux_loss: str = "official",
         embedding_dim: int = 512,
         head_dropout: float = 0.25,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        **moe,
     ) -> None:
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="",
@@ -49,28 +47,15 @@ class FaceMoEViT(VisionTransformer):
             class_token=False, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
         )
         self.img_size = img_size
+        moe_config = self._setup_moe(moe)
         grid = tuple(self.patch_embed.grid_size)
         for block in self.blocks:
-            block.mlp = MoELayer(
-                embed_dim, int(embed_dim * mlp_ratio), num_experts, top_k, weighting=weighting,
-                renormalize=renormalize, aux_loss=aux_loss, dropout=drop_rate, token_grid=grid,
-                num_prefix_tokens=self.num_prefix_tokens,
+            block.mlp = moe_config.layer(
+                embed_dim, int(embed_dim * mlp_ratio), dropout=drop_rate, token_grid=grid, num_prefix_tokens=self.num_prefix_tokens
             )
-            for m in block.mlp.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-        self.final_grid = grid
-        self.feature_layer = feature_layer(embed_dim * grid[0] * grid[1], embedding_dim, head_dropout)
+            block.mlp.apply(functools.partial(init_linear, normal=nn.init.trunc_normal_))
+        self._setup_head(embed_dim, grid, embedding_dim, head_dropout)
 
     def forward_patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding plus position embedding ``[B, N, C]``."""
         return self.patch_drop(self._pos_embed(self.patch_embed(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature_layer(self.forward_features(x).flatten(1))
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of every MoE layer's auxiliary loss from the last forward pass."""
-        return total_aux_loss(self)

@@ -4,8 +4,20 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..cli import add_output_options, add_top_k_option, emit, split_names
+from ..cli import emit
+from ..demo import DEFAULT_CHECKPOINT
 from ..errors import MoescopeError
+from ..options import (
+    add_checkpoint,
+    add_evaluation_data,
+    add_output,
+    add_top_k,
+    check_evaluation_data,
+    evaluation_data,
+    load_models,
+    probe_transform,
+    split_names,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,51 +27,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint unmodified and under routing interventions, one table row each: "
         "identification Rank-1/5/10/20 (gallery/probe split) and/or verification accuracy (pairs), the effective k "
         "and the expert usage % under each intervention. Several interventions may be combined in one run. "
-        "With no CKPT and no data: demo:after on the bundled demo split.",
+        f"With no CKPT and no data: {DEFAULT_CHECKPOINT} on the bundled demo split.",
     )
-    p.add_argument("checkpoint", nargs="?", help="checkpoint (.pt, official or moescope) or demo:before/demo:after; default demo:after")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="gallery/probe split folder (as eval --split; a pairs.txt there adds verification)")
-    source.add_argument("--protocol", metavar="FILE", help="verification pairs list: LFW pairs.txt or 'path1 path2 label' lines")
-    p.add_argument("--root", metavar="DIR", help="image root of --protocol (default: the pairs file's folder)")
+    add_checkpoint(p)
     p.add_argument("--drop", action="append", default=[], metavar="SPEC",
                    help="drop experts: a list (0,1), 'singles' (each expert) or 'pairs' (each pair); repeatable")
     p.add_argument("--switch", action="append", nargs="?", const="cyclic", metavar="PERM",
                    help="switch experts: token routed to e is processed by PERM[e] (e.g. 2,0,1); default cyclic shift e -> (e+1) %% N")
     p.add_argument("--random", action="store_true", help="random routing: each token's k experts drawn uniformly (seeded by --seed)")
     p.add_argument("--layers", action="append", metavar="NAMES", help="MoE layers to intervene on and count, by name or prefix, comma-separated (e.g. layers.2); default all")
-    p.add_argument("--lowres", type=int, metavar="S", help="down-sample probes (second image of each pair) to S x S px and back, as eval --lowres")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
-    p.add_argument("--no-flip", action="store_true", help="embed images alone instead of fusing them with their mirror image")
-    add_top_k_option(p)
-    add_output_options(p)
+    add_evaluation_data(p, aliases=True)
+    add_top_k(p)
+    add_output(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from facemoe_model.protocols import load_protocols, lowres_probes
-
-    from ..demo import demo_split_dir, load_model
-    from ..interventions import ablate_experts, plan_interventions
+    from ..interventions import plan_interventions
+    from ..runners.ablate import ablate_experts
 
     if not (args.drop or args.switch or args.random):
         raise MoescopeError("give at least one intervention: --drop SPEC, --switch [PERM] or --random")
-    if args.batch_size < 1:
-        raise MoescopeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.root and not args.protocol:
-        raise MoescopeError("--root applies to --protocol only")
+    check_evaluation_data(args)
     layers = split_names(args.layers)
-    model = load_model(args.checkpoint, top_k=args.top_k)
+    (model,) = load_models([args.checkpoint], args)
     interventions = plan_interventions(
         model, drop=args.drop, switch=[None if s == "cyclic" else s for s in args.switch or []],
         random=args.random, seed=args.seed, layers=layers,
     )
-    split = args.data if (args.data or args.protocol) else demo_split_dir()
-    data = load_protocols(split=split, pairs=args.protocol, root=args.root, size=model.img_size)
+    data = evaluation_data(args, model.img_size)
     result = ablate_experts(
         model, data, interventions, layers=layers, batch_size=args.batch_size, flip=not args.no_flip,
-        probe_transform=lowres_probes(args.lowres) if args.lowres is not None else None,
-        progress=not args.json, checkpoint=args.checkpoint or "demo:after",
+        probe_transform=probe_transform(args), progress=not args.json, checkpoint=args.checkpoint,
         settings={"lowres": args.lowres, "seed": args.seed, "format": getattr(model, "checkpoint_format", "")},
     )
     emit(result, args, render)

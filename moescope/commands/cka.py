@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, add_top_k_option, emit
+from ..cli import emit
+from ..demo import DEFAULT_PAIR
+from ..options import add_checkpoint_pair, add_image_source, add_output, add_top_k, checkpoint_pair, image_source, load_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,35 +15,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compare two checkpoints of one architecture on the same images: linear CKA per layer "
         "(patch_embed, every block, norm, feature_layer; minibatch unbiased HSIC), the 5 lowest-CKA layers, "
         "each expert's parameter shift, and the share of tokens routed alike. With no checkpoints: "
-        "demo:before demo:after on the bundled demo images.",
+        f"{' '.join(DEFAULT_PAIR)} on the bundled demo images.",
     )
-    p.add_argument("before", nargs="?", metavar="BEFORE", help="reference checkpoint (.pt, official or moescope) or demo:before")
-    p.add_argument("after", nargs="?", metavar="AFTER", help="checkpoint compared with BEFORE, e.g. fine-tuned (or demo:after)")
-    p.add_argument("--data", metavar="DIR", help="folder of images (recursive); default: bundled demo images")
+    add_checkpoint_pair(p)
+    add_image_source(p)
     p.add_argument("--features", choices=("flatten", "mean"), default="flatten",
                    help="per-image features: the layer's tokens flattened (default) or averaged")
     p.add_argument("--batch-size", type=int, default=16, help="images per HSIC batch (>= 4); default 16")
     p.add_argument("--last-batch", choices=("fold", "drop"), default="fold",
                    help="a last batch of 1-3 images is folded into the previous one (default) or dropped")
-    add_top_k_option(p)
-    add_output_options(p, seed=False)
+    add_top_k(p)
+    add_output(p, seed=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import demo_images_dir, load_model
-    from ..drift import analyse_drift
-    from ..errors import MoescopeError
-    from ..faces import list_images
+    from ..runners.drift import analyse_drift
 
-    if (args.before is None) != (args.after is None):
-        raise MoescopeError("give two checkpoints, BEFORE and AFTER (or none for demo:before demo:after)")
-    specs = [args.before or "demo:before", args.after or "demo:after"]
-    models = [load_model(spec, top_k=args.top_k) for spec in specs]
-    paths = list_images(args.data if args.data else demo_images_dir())
+    specs = checkpoint_pair(args)
+    models = load_models(specs, args)
+    paths, data = image_source(args)
     result = analyse_drift(
         *models, specs, paths, features=args.features, batch_size=args.batch_size, last_batch=args.last_batch,
-        progress=not args.json, data=str(args.data or "demo:images"),
+        progress=not args.json, data=data,
     )
     emit(result, args, render)
     return 0

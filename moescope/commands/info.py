@@ -3,51 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, add_top_k_option, emit
+from ..cli import emit
+from ..options import add_checkpoint, add_output, add_top_k, load_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: format, architecture, MoE layers")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint path or demo:before/demo:after (default demo:after)")
-    add_top_k_option(p)
-    add_output_options(p, seed=False)
+    add_checkpoint(p)
+    add_top_k(p)
+    add_output(p, seed=False)
     p.set_defaults(run=run)
-
-
-def describe(model):
-    """The checkpoint summary as an AnalysisResult (one row per MoE layer)."""
-    import pandas as pd
-
-    from facemoe_model import moe_layers
-
-    from ..results import AnalysisResult
-
-    rows = []
-    for name, layer in moe_layers(model).items():
-        grid = layer.token_grid
-        rows.append(
-            {
-                "layer": name,
-                "grid": f"{grid[0]}x{grid[1]}" if grid else "",
-                "experts": layer.num_experts,
-                "k": layer.k,
-                "weighting": layer.weighting,
-                "params": sum(p.numel() for p in layer.parameters()),
-            }
-        )
-    config = dict(model.model_config)
-    return AnalysisResult(
-        command="info",
-        checkpoints=[getattr(model, "checkpoint_path", "")],
-        settings={"format": getattr(model, "checkpoint_format", ""), "config": config},
-        tables={"moe_layers": pd.DataFrame(rows)},
-        summary={
-            "model": config["name"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "moe_layers": len(rows),
-            "metadata": getattr(model, "checkpoint_metadata", {}),
-        },
-    )
 
 
 def render(result) -> str:
@@ -61,8 +26,8 @@ def render(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import load_model
+    from ..runners.info import describe
 
-    model = load_model(args.checkpoint, top_k=args.top_k)
+    (model,) = load_models([args.checkpoint], args)
     emit(describe(model), args, render)
     return 0

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_output_options, add_top_k_option, emit, split_names
+from ..cli import emit
+from ..demo import DEFAULT_CHECKPOINT
+from ..faces import ASSIGN_MODES, REGION_SOURCES
+from ..options import add_checkpoint, add_image_source, add_output, add_top_k, image_source, load_models, positive, split_names
+from ..stats.regions import COUNT_MODES, GROUPINGS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,43 +16,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="which expert each facial region is routed to (paper B.1/B.2)",
         description="Route face images through a FaceMoE checkpoint and tabulate, per facial region, "
         "how often each expert is chosen (rows sum to 100). With no CKPT: the bundled demo checkpoint "
-        "(demo:after) on the bundled demo images.",
+        f"({DEFAULT_CHECKPOINT}) on the bundled demo images.",
     )
-    p.add_argument("checkpoint", nargs="?", help="checkpoint (.pt, official or moescope) or demo:before/demo:after; default demo:after")
-    p.add_argument("--data", metavar="DIR", help="folder of face images (recursive; identity sub-folders allowed); default: bundled demo images")
+    add_checkpoint(p)
+    add_image_source(p, "face images")
     p.add_argument("--compare", metavar="CKPT2", help="a second checkpoint: both tables and their difference (CKPT2 - CKPT)")
     p.add_argument("--layers", action="append", metavar="NAMES", help="MoE layers to count, by name or prefix, comma-separated (e.g. layers.2); default all")
-    p.add_argument("--by", choices=("all", "stage", "layer"), default="all", help="pool all MoE layers (default), per stage, or per layer")
-    p.add_argument("--count", choices=("top1", "topk", "weighted"), default="top1", help="counting convention (ANALYSES.md); default top1")
-    p.add_argument("--assign", choices=("soft", "majority"), default="soft", help="token->region by area fractions (default) or majority label")
-    p.add_argument("--region-source", choices=("landmarks", "template"), default="landmarks",
+    p.add_argument("--by", choices=GROUPINGS, default="all", help="pool all MoE layers (default), per stage, or per layer")
+    p.add_argument("--count", choices=COUNT_MODES, default="top1", help="counting convention (docs/analyses.md); default top1")
+    p.add_argument("--assign", choices=ASSIGN_MODES, default="soft", help="token->region by area fractions (default) or majority label")
+    p.add_argument("--region-source", choices=REGION_SOURCES, default="landmarks",
                    help="images without a detected face: skip (landmarks, default) or label from the aligned-face template")
-    add_top_k_option(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_top_k(p)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples over images for 95%% intervals (0 = off)")
     p.add_argument("--export-tokens", metavar="FILE", help="also write every token's routing to FILE (.parquet or .csv); memory grows with images")
     p.add_argument("--workers", type=int, help="landmark worker processes (default: automatic)")
-    add_output_options(p)
+    add_output(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import demo_images_dir, load_model
-    from ..errors import MoescopeError
-    from ..faces import list_images
-    from ..region_routing import analyse_regions
+    from ..runners.regions import analyse_regions
 
     layers = split_names(args.layers)
-    specs = [args.checkpoint or "demo:after"] + ([args.compare] if args.compare else [])
-    models = [load_model(spec, top_k=args.top_k) for spec in specs]
-    paths = list_images(args.data if args.data else demo_images_dir())
-    if args.batch_size < 1:
-        raise MoescopeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    specs = [args.checkpoint] + ([args.compare] if args.compare else [])
+    models = load_models(specs, args)
+    paths, data = image_source(args)
+    positive(args.batch_size, "--batch-size")
     result = analyse_regions(
         models, specs, paths, layers=layers, by=args.by, count=args.count, assign=args.assign,
         region_source=args.region_source, batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
-        export_tokens=args.export_tokens, workers=args.workers, progress=not args.json,
-        data=str(args.data or "demo:images"),
+        export_tokens=args.export_tokens, workers=args.workers, progress=not args.json, data=data,
     )
     emit(result, args, render)
     return 0

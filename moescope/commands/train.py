@@ -15,16 +15,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import add_output_options, emit
 from ..cache import cache_dir
+from ..cli import emit
 from ..errors import MoescopeError
-
-DEFAULTS = dict(model="facemoe_swin_tiny", head="cosface", epochs=10, batch_size=64, lr=1e-3, weight_decay=0.05,
-                warmup_epochs=1.0, poly_power=2.0, aux_weight=10.0, clip_grad=5.0)
+from ..options import add_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = DEFAULTS
+    from facemoe_model.train import TrainConfig
+
+    d = TrainConfig()
     p = sub.add_parser(
         "train", help="train or fine-tune a FaceMoE model",
         description="Train FaceMoE: margin loss on the embeddings + lambda x the MoE auxiliary loss, AdamW with "
@@ -42,23 +42,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", type=int, metavar="N", help="data-loading processes (default 4 with CUDA, else 0)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", help=f"architecture to train from scratch (default {d['model']}; see 'moescope models')")
+    model.add_argument("--model", help=f"architecture to train from scratch (default {d.model}; see 'moescope models')")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="architecture override, e.g. embedding_dim=128 (repeatable)")
     model.add_argument("--init", metavar="CKPT", help="start from this checkpoint (its architecture, a fresh margin head): fine-tuning")
     model.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt (a fresh start if there is none)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--head", choices=("cosface", "arcface", "adaface"), default=d["head"], help="margin loss (default cosface, s=64 m=0.4)")
+    opt.add_argument("--head", choices=("cosface", "arcface", "adaface"), default=d.head, help=f"margin loss (default {d.head}; cosface: s=64 m=0.4)")
     opt.add_argument("--scale", type=float, metavar="S", help="margin-head scale s (default: the head's, 64)")
     opt.add_argument("--margin", type=float, metavar="M", help="margin-head margin m (default: the head's, cosface 0.4, arcface 0.5, adaface 0.4)")
-    opt.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over the data (default {d['epochs']})")
-    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per step and process (default {d['batch_size']})")
-    opt.add_argument("--lr", type=float, default=d["lr"], help=f"AdamW peak learning rate (default {d['lr']:g})")
-    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"], help=f"AdamW weight decay (default {d['weight_decay']:g})")
-    opt.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"], help=f"linear warm-up length (default {d['warmup_epochs']:g})")
-    opt.add_argument("--poly-power", type=float, default=d["poly_power"], help=f"power of the polynomial decay (default {d['poly_power']:g})")
-    opt.add_argument("--aux-weight", type=float, default=d["aux_weight"], help=f"lambda of the MoE auxiliary loss (default {d['aux_weight']:g}, official)")
-    opt.add_argument("--clip-grad", type=float, default=d["clip_grad"], help=f"gradient-norm clipping, 0 = off (default {d['clip_grad']:g})")
+    opt.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step and process (default {d.batch_size})")
+    opt.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr:g})")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})")
+    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help=f"linear warm-up length (default {d.warmup_epochs:g})")
+    opt.add_argument("--poly-power", type=float, default=d.poly_power, help=f"power of the polynomial decay (default {d.poly_power:g})")
+    opt.add_argument("--aux-weight", type=float, default=d.aux_weight, help=f"lambda of the MoE auxiliary loss (default {d.aux_weight:g}, official)")
+    opt.add_argument("--clip-grad", type=float, default=d.clip_grad, help=f"gradient-norm clipping, 0 = off (default {d.clip_grad:g})")
     opt.add_argument("--device", choices=("cpu", "cuda"), help="training device (default cuda when available; mixed precision there)")
 
     val = p.add_argument_group("validation and output")
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     val.add_argument("--val-lowres", type=int, metavar="S", help="also validate with probes down-sampled to S x S px")
     val.add_argument("--val-every", type=int, default=1, metavar="N", help="validate every N epochs (always after the last; default 1)")
     val.add_argument("--half", action="store_true", help="store model.pt in float16 (final figures measured on those weights)")
-    add_output_options(p)
+    add_output(p)
     p.set_defaults(run=run)
 
 
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..results import AnalysisResult
+    from ..runners.train import training_result
 
     if not args.out:
         raise MoescopeError("train needs --out DIR, the run folder")
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if args.val_lowres is not None and not args.val:
         raise MoescopeError("--val-lowres needs --val DIR")
     config = TrainConfig(
-        model=args.model or DEFAULTS["model"], model_args=_model_args(args.model_arg), head=args.head, head_scale=args.scale,
+        model=args.model or TrainConfig.model, model_args=_model_args(args.model_arg), head=args.head, head_scale=args.scale,
         head_margin=args.margin, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         poly_power=args.poly_power, aux_weight=args.aux_weight, clip_grad=args.clip_grad,
@@ -217,18 +217,7 @@ def run(args: argparse.Namespace) -> int:
         context.shutdown()
     if not context.is_main:
         return 0
-    meta = outcome.metadata
-    summary = {key: meta[key] for key in ("epochs", "steps", "training_seconds", "world_size", "device")}
-    summary["checkpoint"] = str(outcome.checkpoint)
-    if "validation" in meta:
-        summary["validation"] = {k: v for k, v in meta["validation"].items() if k not in ("data", "lowres")}
-    result = AnalysisResult(
-        command="train",
-        checkpoints=[str(outcome.checkpoint)] + ([str(args.init)] if args.init else []),
-        settings={"command": meta["command"], "data": description, "train_config": meta["train_config"], "val": args.val,
-                  "val_lowres": args.val_lowres, "half": args.half, "seed": args.seed},
-        tables={"log": outcome.log},
-        summary=summary,
-    )
+    result = training_result(outcome, data=description, init=args.init, val=args.val, val_lowres=args.val_lowres,
+                             half=args.half, seed=args.seed)
     emit(result, args, render)
     return 0

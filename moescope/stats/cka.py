@@ -20,7 +20,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from .errors import DataError, MoescopeError
+from ..errors import DataError, MoescopeError
 
 __all__ = ["MIN_BATCH", "FeatureMode", "layer_features", "zero_diagonal_gram", "hsic1", "plan_batches", "StreamingCKA"]
 

@@ -1,0 +1,134 @@
+"""Forward passes with routing and feature capture: the one loop every analysis runs.
+
+:func:`forward_passes` pushes each batch through one or more models (the same inputs to
+each, e.g. two checkpoints being compared) with :func:`facemoe_model.inference.run_batches`
+— eval mode for the duration, every module's train/eval flag restored afterwards, also on
+errors — and hands back, per batch and model, the outputs, each MoE layer's routing
+(:class:`~moescope.trace.RoutingTrace`) and, when asked, per-image layer features
+(:class:`~moescope.features.FeatureCapture`). Hooks are always removed.
+
+``grad=False`` (default) runs every forward pass under ``torch.inference_mode``. ``grad=True``
+is the gradient path (activation maps, attacks): no inference mode, the inputs require grad
+(a batch that already does — e.g. ``normalise(x01)`` of a leaf ``x01`` — is used as it is,
+shared by all models), and the outputs carry the graph; captured features stay detached
+unless ``keep_graph`` is set. Routing records are numpy, never part of a graph.
+
+:func:`evaluate_model` is the same for the face-recognition protocols (``eval``, ``ablate``):
+the protocols' figures, optionally with the expert usage observed while they ran.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from facemoe_model.hooks import ExpertUsage
+from facemoe_model.inference import run_batches
+from facemoe_model.protocols import Degradation, EvaluationData, evaluate
+
+from .features import FeatureCapture
+from .stats.cka import FeatureMode
+from .trace import LayerRouting, RoutingTrace
+
+__all__ = ["ModelPass", "Step", "Evaluation", "forward_passes", "evaluate_model"]
+
+
+@dataclass
+class ModelPass:
+    """One model's forward pass over one batch."""
+
+    inputs: torch.Tensor
+    outputs: Any
+    routing: dict[str, LayerRouting] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One batch (as given) and each model's pass over it, in the order of the models."""
+
+    batch: Any
+    passes: list[ModelPass]
+
+
+def _images(batch: Any) -> torch.Tensor:
+    """The model input of a batch: a tensor, or an object with an ``images`` tensor (an ImageBatch)."""
+    return batch if isinstance(batch, torch.Tensor) else batch.images
+
+
+def forward_passes(
+    models: Sequence[nn.Module],
+    batches: Iterable[Any],
+    *,
+    routing: bool = True,
+    layers: Iterable[str] | None = None,
+    features: Sequence[str] | None = None,
+    feature_mode: FeatureMode = "flatten",
+    grad: bool = False,
+    keep_graph: bool = False,
+) -> Iterator[Step]:
+    """Run every model on every batch; yield a :class:`Step` per batch.
+
+    Args:
+        models: the models, each fed the same inputs (on its own device).
+        batches: model inputs ``[B, 3, S, S]``, or objects with such an ``images`` attribute.
+        routing: record the MoE layers' routing (``layers``: names or prefixes; default all).
+        features: module names whose per-image features to capture (``feature_mode``).
+        grad: the gradient path (see the module docstring); ``keep_graph`` keeps the captured
+            features attached to the graph.
+
+    A generator: wrap it in ``contextlib.closing`` when stopping early, so hooks and modes are
+    restored at once.
+    """
+    layers = list(layers) if layers is not None else None
+    with contextlib.ExitStack() as stack:
+        traces = [stack.enter_context(RoutingTrace(m, layers)) if routing else None for m in models]
+        captures = [
+            stack.enter_context(FeatureCapture(m, features, feature_mode, keep_graph=keep_graph)) if features else None
+            for m in models
+        ]
+        current: list[torch.Tensor] = []
+
+        def feed() -> Iterator[torch.Tensor]:
+            while True:
+                yield current[0]
+
+        runners = [stack.enter_context(contextlib.closing(run_batches(m, feed(), grad=grad, with_inputs=True))) for m in models]
+        for batch in batches:
+            current[:] = [_images(batch)]
+            passes = []
+            for runner, trace, capture in zip(runners, traces, captures):
+                inputs, outputs = next(runner)
+                passes.append(ModelPass(inputs, outputs, trace.pop() if trace else {}, capture.pop() if capture else {}))
+            yield Step(batch, passes)
+
+
+@dataclass
+class Evaluation:
+    """The protocols' figures (``{"identification": {...}, "verification": {...}}``) and, when
+    counted, the token-expert assignments ``[E]`` per MoE layer during the evaluation."""
+
+    figures: dict[str, dict[str, float]]
+    usage: dict[str, np.ndarray] | None = None
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: EvaluationData,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    probe_transform: Degradation | None = None,
+    count_usage: bool = False,
+    layers: Iterable[str] | None = None,
+) -> Evaluation:
+    """Every protocol of ``data`` (:func:`facemoe_model.protocols.evaluate`, the figures ``moescope
+    eval`` reports); with ``count_usage``, the expert usage of ``layers`` (default all) over every
+    forward pass of it (images and mirror images; grid tokens)."""
+    with ExpertUsage(model, layers) if count_usage else contextlib.nullcontext() as counter:
+        figures = evaluate(model, data, batch_size=batch_size, flip=flip, probe_transform=probe_transform)
+    return Evaluation(figures, counter.counts if counter is not None else None)
