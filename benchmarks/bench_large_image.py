@@ -14,7 +14,12 @@ imports (numpy, OpenCV, mediapipe, moescope):
 
 Both then build the region masks on the 120-px aligned crop and pool them to a 20x20 grid.
 
-    python -m benchmarks.bench_large_image [--size 10000] [--variants reduced full] [--json]
+- ``cli`` / ``cli-none``: the whole command, ``moescope regions --data DIR --bootstrap 0``
+  (``--align auto`` / ``--align none``) on a folder holding only that JPEG, under
+  ``/usr/bin/time -v`` (its "Maximum resident set size"; the baseline is
+  ``moescope regions --data`` on a 64x64 image, i.e. imports and the model).
+
+    python -m benchmarks.bench_large_image [--size 10000] [--variants reduced full cli cli-none] [--json]
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BOUND_MIB = 1.5 * 1024**3 / 2**20  # the issue's bound: 1.5 GB
-VARIANTS = ("reduced", "full")
+VARIANTS = ("reduced", "full", "cli", "cli-none")
 
 
 def peak_rss_mib() -> float:
@@ -111,7 +116,44 @@ def child(variant: str, path: Path) -> dict:
     }
 
 
+def _time_v(command: list[str], env: dict) -> tuple[float, float, str]:
+    """``(peak RSS MiB, seconds, stderr)`` of a command under ``/usr/bin/time -v``."""
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    peak = [line for line in done.stderr.splitlines() if "Maximum resident set size" in line]
+    if not peak:
+        raise RuntimeError(f"no /usr/bin/time output:\n{done.stderr[-2000:]}")
+    return int(peak[0].split()[-1]) / 1024, seconds, done.stderr if done.returncode else ""
+
+
+def measure_cli(variant: str, path: Path) -> dict:
+    """Peak RSS of ``moescope regions --data`` on the large JPEG and on a tiny image."""
+    import os
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    align = "none" if variant == "cli-none" else "auto"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOESCOPE_CACHE": str(path.parent / "cache")}
+    folders = {"large": path.parent / "large", "tiny": path.parent / "tiny"}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+    if not (folders["large"] / path.name).exists():
+        shutil.copy(path, folders["large"] / path.name)
+    cv2.imwrite(str(folders["tiny"] / "tiny.png"), np.zeros((64, 64, 3), np.uint8))
+    moescope = [sys.executable, "-m", "moescope.cli", "regions", "--bootstrap", "0", "--align", align, "--json"]
+    baseline, _, _ = _time_v([*moescope, "--data", str(folders["tiny"]), "--region-source", "template"], env)
+    peak, seconds, failure = _time_v([*moescope, "--data", str(folders["large"])], env)
+    one_line = failure.strip().splitlines()[-1] if failure else ""
+    return {"variant": variant, "peak_mib": peak, "baseline_mib": baseline, "seconds": seconds,
+            "exit_ok": not failure, "error": one_line, "traceback": "Traceback" in failure}
+
+
 def measure(variant: str, path: Path) -> dict:
+    if variant.startswith("cli"):
+        return measure_cli(variant, path)
     command = [sys.executable, __file__, "--child", variant, str(path)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -137,17 +179,21 @@ def main() -> None:
         for run in runs:
             print(json.dumps(run))
         return
-    first = runs[0]
-    print(f"{first['size'][1]}x{first['size'][0]} JPEG, {first['file_mib']:.1f} MiB; bound {BOUND_MIB:.0f} MiB peak RSS")
+    print(f"{args.size}x{args.size} JPEG; bound {BOUND_MIB:.0f} MiB peak RSS")
     print(f"{'variant':<8} {'decode 1/k':>10} {'warp 1/k':>8} {'peak RSS MiB':>13} {'above imports':>14} {'s':>6}  five-point error (112 px)")
     for run in runs:
+        if run["variant"].startswith("cli"):
+            print(f"{run['variant']:<8} {'':>10} {'':>8} {run['peak_mib']:>13.1f} {run['peak_mib'] - run['baseline_mib']:>14.1f}"
+                  f" {run['seconds']:>6.2f}  moescope regions {'ok' if run['exit_ok'] else 'failed: ' + run['error']}")
+            continue
         print(
             f"{run['variant']:<8} {run['detect_reduction']:>10} {run['warp_reduction']:>8} {run['peak_mib']:>13.1f}"
             f" {run['peak_mib'] - run['baseline_mib']:>14.1f} {run['seconds']:>6.2f}  {run['five_point_error_px']}"
             f"  face tokens {run['face_token_share']:.0%}"
         )
-    if len(runs) == 2:
-        print(f"peak RSS ratio full / reduced: {runs[1]['peak_mib'] / runs[0]['peak_mib']:.2f}")
+    by = {run["variant"]: run for run in runs}
+    if "full" in by and "reduced" in by:
+        print(f"peak RSS ratio full / reduced: {by['full']['peak_mib'] / by['reduced']['peak_mib']:.2f}")
 
 
 if __name__ == "__main__":

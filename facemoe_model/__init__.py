@@ -4,9 +4,22 @@
 loads official ``model.pt`` files and the package's own checkpoints alike. The package stands
 alone: it never imports the ``moescope`` analysis toolkit built on it.
 """
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .models import create_model, list_models, model_defaults
-from .moe import MoEConfig, MoELayer, RouterOutput, RoutingOverride, moe_layers, override_routing, sample_keys, total_aux_loss
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily (PEP 562) so that ``facemoe_model.errors`` costs no torch import
+    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from .models import create_model, list_models, model_defaults
+    from .moe import MoEConfig, MoELayer, RouterOutput, RoutingOverride, moe_layers, override_routing, sample_keys, total_aux_loss
+
+_LAZY = {
+    **dict.fromkeys(("load_checkpoint", "read_checkpoint", "save_checkpoint"), ".checkpoint"),
+    **dict.fromkeys(("create_model", "list_models", "model_defaults"), ".models"),
+    **dict.fromkeys(("MoEConfig", "MoELayer", "RouterOutput", "RoutingOverride", "moe_layers", "override_routing",
+                     "sample_keys", "total_aux_loss"), ".moe"),
+}
 
 __all__ = [
     "create_model",
@@ -24,3 +37,12 @@ __all__ = [
     "sample_keys",
     "total_aux_loss",
 ]
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use (the submodules pull in torch and timm)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

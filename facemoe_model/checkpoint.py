@@ -14,8 +14,12 @@ can unpickle arbitrary objects:
   package stood alone (the bundled demo checkpoints among them) name the same layout
   ``"moescope.facemoe"``; they load unchanged (:data:`LEGACY_FORMATS`).
 
-Every problem — missing file, truncated/corrupt file, pickled code, unknown layout, missing
-or unexpected keys, shape mismatches, inconsistent expert counts — raises
+An official state_dict saved as ``.safetensors`` (no pickle at all) is read too.
+
+Every problem — missing file, a pipe/socket/device (refused before opening: reading a FIFO
+would block), empty/truncated/corrupt file or random bytes, pickled code, unknown layout, a
+config no model can be built from (any exception of the constructor), missing or unexpected
+keys, shape mismatches, inconsistent expert counts, ``top_k`` outside 1..experts — raises
 :class:`~facemoe_model.errors.CheckpointError` with a one-line message naming it.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import stat
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,23 +52,73 @@ _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.fc1\.weight$")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file safely (``weights_only=True``) into a dict; no model is built."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
+def _refuse_non_file(path: Path) -> None:
+    """One-line errors for paths that are not regular files (checked before opening: a FIFO would block)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, socket or device)")
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - safetensors comes with timm
+        raise CheckpointError(f"{path} is a safetensors file; install the 'safetensors' package to read it") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise CheckpointError(f"{path} is a damaged safetensors file ({reason})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``; ``.safetensors`` too) into a dict; no model is built."""
+    path = Path(path)
+    _refuse_non_file(path)
+    head = _magic(path)
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
+    if _is_safetensors(head):
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+        text = str(exc).lower()
+        if "unsupported global" in text or "unsupported class" in text:
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled objects or code, not only tensors (weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+        if "weights only load failed" in text or "weightsunpickler" in text:
+            raise CheckpointError(f"{path} is not a readable checkpoint (not a PyTorch file, or corrupt)") from None
+        if not head.startswith((b"PK", b"\x80")):
+            raise CheckpointError(f"{path} is not a readable checkpoint (not a PyTorch file, or corrupt)") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first[:120]})") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not enough memory to read this checkpoint") from None
     except Exception as exc:  # torch.load raises many types for damaged files
+        if not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy format)
+            raise CheckpointError(f"{path} is not a readable checkpoint (not a PyTorch file, or corrupt)") from None
         reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({reason[:120]})") from None
     if not isinstance(obj, dict):
@@ -76,7 +131,12 @@ def _state_dict_of(obj: Mapping[str, Any], path: Path) -> tuple[str, dict[str, t
         for key in ("config", "state_dict"):
             if key not in obj:
                 raise CheckpointError(f"{path} is a FaceMoE checkpoint without {key!r}")
-        return CHECKPOINT_FORMAT, dict(obj["state_dict"]), dict(obj["config"]), dict(obj.get("metadata", {}))
+        state_dict, config, metadata = obj["state_dict"], obj["config"], obj.get("metadata", {})
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{path}: checkpoint 'config' is a {type(config).__name__}, expected a dict")
+        if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+            raise CheckpointError(f"{path}: checkpoint 'state_dict' is not a dict of named tensors")
+        return CHECKPOINT_FORMAT, dict(state_dict), dict(config), dict(metadata) if isinstance(metadata, Mapping) else {}
     for wrapper in ("state_dict", "model"):
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -192,7 +252,7 @@ def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: 
     obj = read_checkpoint(path)
     fmt, state_dict, config, metadata = _state_dict_of(obj, path)
     if fmt == "official":
-        kwargs = infer_official_config(state_dict, top_k=top_k or 2, img_size=overrides.pop("img_size", None))
+        kwargs = infer_official_config(state_dict, top_k=2 if top_k is None else top_k, img_size=overrides.pop("img_size", None))
         name = "facemoe_swin_official"
     else:
         config = dict(config)
@@ -201,13 +261,25 @@ def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: 
             raise CheckpointError(f"{path}: checkpoint config has no model 'name'")
         kwargs = config
         if top_k is not None:
+            experts = kwargs.get("num_experts")
+            if isinstance(experts, int) and not 1 <= top_k <= experts:
+                raise CheckpointError(f"top_k={top_k} out of range for a checkpoint with {experts} experts")
             kwargs["top_k"] = top_k
     kwargs.update(overrides)
     try:
         model = create_model(name, **kwargs)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot build model {name!r} ({str(exc).splitlines()[0]})") from None
-    _load_strict(model, state_dict, path)
+    except MemoryError:
+        raise CheckpointError(f"{path}: not enough memory to build model {name!r} from its config") from None
+    except Exception as exc:  # any bad config value (negative sizes raise RuntimeError in torch)
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot build model {name!r} from its config ({reason})") from None
+    try:
+        _load_strict(model, state_dict, path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # e.g. a tensor of a dtype that cannot be copied into a parameter
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: weights do not load into the model ({reason})") from None
     model.eval()
     model.checkpoint_path = str(path)
     model.checkpoint_format = fmt

@@ -4,6 +4,11 @@
 ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_distributed` joins them into one group
 (NCCL on GPUs, gloo on CPUs). Started without ``torchrun`` everything here is a no-op on a
 world of one process, so the same training code runs on a laptop and on a GPU cluster.
+
+Inference (evaluation, analysis) uses the same group through :func:`analysis_context` — joined
+on first use — with :func:`shard_range` (a contiguous, deterministic share of ``n`` items, cut at
+multiples of a block such as a batch, so every batch holds the images a single process would put
+in it) and :func:`gather_objects` (every rank's piece, in rank order).
 """
 from __future__ import annotations
 
@@ -15,7 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistributedContext", "init_distributed", "all_reduce_sum", "broadcast_buffers", "state_digest"]
+__all__ = [
+    "DistributedContext",
+    "init_distributed",
+    "analysis_context",
+    "shard_range",
+    "gather_objects",
+    "all_reduce_sum",
+    "broadcast_buffers",
+    "state_digest",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,45 @@ def init_distributed(device: str | None = None) -> DistributedContext:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistributedContext(rank, world_size, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+_ANALYSIS: DistributedContext | None = None
+
+
+def analysis_context(device: str | None = None) -> DistributedContext:
+    """The process group of an inference run under ``torchrun`` (joined on the first call; later
+    calls return the same context). Without ``torchrun`` (``WORLD_SIZE`` unset or 1): a world of
+    one. ``device`` as :func:`init_distributed` (default CUDA when available): NCCL with one GPU
+    per rank, else gloo. A group that is already initialised (``train``) is reused."""
+    global _ANALYSIS
+    if _ANALYSIS is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and dist.is_initialized():
+            use_cuda = dist.get_backend() == "nccl"
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            _ANALYSIS = DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
+                                           torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+        else:
+            _ANALYSIS = init_distributed(device)
+    return _ANALYSIS
+
+
+def shard_range(n: int, context: DistributedContext, block: int = 1) -> range:
+    """This rank's contiguous share of ``range(n)``: the ``ceil(n / block)`` blocks are split as
+    evenly as possible in rank order, so the shards concatenated in rank order are ``range(n)``."""
+    block = max(int(block), 1)
+    blocks = -(-n // block)
+    first = context.rank * blocks // context.world_size
+    last = (context.rank + 1) * blocks // context.world_size
+    return range(min(first * block, n), min(last * block, n))
+
+
+def gather_objects(obj, context: DistributedContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` in a world of one)."""
+    if not context.enabled:
+        return [obj]
+    out: list = [None] * context.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:

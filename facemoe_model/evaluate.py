@@ -10,6 +10,7 @@ Accuracies, TAR and Rank-k are fractions in [0, 1].
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import DataError
 from .inference import run_batches
@@ -106,9 +107,27 @@ def embed_dataset(
     device: torch.device | str | None = None,
     keys: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """:func:`embed_images` over a dataset of ``(image, label)`` items, in dataset order (one process)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    return _embed_batches(model, (images for images, _ in loader), flip, device, keys)
+    """:func:`embed_images` over a dataset of ``(image, label)`` items, in dataset order.
+
+    Under ``torchrun`` (:func:`facemoe_model.distributed.analysis_context`) each rank embeds a
+    contiguous share of whole batches (the batches one process would form, with the same
+    random-routing keys) and the embeddings are gathered in rank order, so every rank returns
+    the single-process array."""
+    from .distributed import analysis_context, gather_objects, shard_range
+
+    context = analysis_context() if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+    if context is None or not context.enabled:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        return _embed_batches(model, (images for images, _ in loader), flip, device, keys)
+    n = len(dataset)
+    mine = shard_range(n, context, batch_size)
+    all_keys = list(keys) if keys is not None else list(range(n))
+    part = np.zeros((0, 0), dtype=np.float32)
+    if len(mine):
+        loader = DataLoader(Subset(dataset, list(mine)), batch_size=batch_size, shuffle=False, num_workers=0)
+        part = _embed_batches(model, (images for images, _ in loader), flip, device, all_keys[mine.start : mine.stop])
+    pieces = [p for p in gather_objects(part, context) if p.size]
+    return np.concatenate(pieces) if pieces else part
 
 
 # --- verification -------------------------------------------------------------------------

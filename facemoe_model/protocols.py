@@ -13,7 +13,8 @@ low-resolution face recognition where a high-resolution enrolment meets a low-re
 An evaluation folder (:func:`load_protocols`) is a gallery/probe split
 (``gallery/<id>/``, ``probe/<id>/``, optional ``distractors/``) that may also hold a
 verification list ``pairs.txt`` (``path1 path2 label`` relative to the folder);
-:func:`write_split` builds one from an identity folder.
+:func:`write_split` builds one from an identity folder. :func:`identity_protocols` builds both
+protocols in memory from identity-labelled images (``moescope eval --data DIR``), seeded.
 """
 from __future__ import annotations
 
@@ -21,18 +22,18 @@ import copy
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 from torch import nn
 from torch.utils.data import Subset
 
-from .data.datasets import INPUT_SIZE, GalleryProbe, LabelledImages, VerificationPairs, gallery_probe_split
+from .data.datasets import INPUT_SIZE, GalleryProbe, ImageSource, LabelledImages, VerificationPairs, gallery_probe_split
 from .data.transforms import DownUp
 from .errors import DataError
-from .evaluate import embed_dataset, identification_metrics, verification_metrics
+from .evaluate import consecutive_folds, embed_dataset, identification_metrics, verification_metrics
 from .fileio import atomic_path, atomic_write
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "evaluate_verification",
     "source_key",
     "evaluate",
+    "identity_protocols",
     "load_protocols",
     "lowres_probes",
     "write_split",
@@ -152,6 +154,12 @@ class EvaluationData:
     source: str
     split: GalleryProbe | None = None
     pairs: VerificationPairs | None = None
+    protocol: dict | None = None
+    """How the protocols were built when they were drawn here (:func:`identity_protocols`'s record)."""
+    preparation: dict | None = None
+    """What the image path did to the images before (e.g. alignment outcome counts)."""
+    notes: list[str] = field(default_factory=list)
+    """One-line warnings about the data (images left out and why)."""
 
     @property
     def datasets(self) -> list[LabelledImages]:
@@ -279,3 +287,97 @@ def write_split(
     lines = [f"{a} {b} {label}" for a, b, label in (pairs[i] for i in rng.permutation(len(pairs)))]
     atomic_write(out / PAIRS_FILE, "\n".join(lines) + "\n")
     return out
+
+
+DEFAULT_MAX_PAIRS = 6000
+"""Verification pairs :func:`identity_protocols` draws at most (half genuine, half impostor; LFW's 6000)."""
+
+
+def identity_protocols(
+    images: Sequence[tuple[ImageSource, str]],
+    origin: str | os.PathLike,
+    *,
+    size: int = INPUT_SIZE,
+    seed: int = 0,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    transform=None,
+    names: Sequence[str] | None = None,
+) -> tuple[EvaluationData, dict]:
+    """Both protocols from identity-labelled images ``(source, identity)`` (readable ones), seeded.
+
+    Identification (closed set): per identity with two or more images, one image drawn with
+    ``seed`` is its gallery image and the others are probes; an identity with one image only
+    joins the gallery as a distractor (label -1: no probe can match it, it can only be a wrong
+    rank-1 answer). Verification: ``min(all genuine pairs, max_pairs // 2)`` genuine pairs drawn
+    without replacement from all same-identity pairs, and as many impostor pairs of two images
+    of different identities (distinct pairs, uniformly over images), shuffled together and cut
+    into 10 consecutive folds (threshold chosen on the other 9 folds, as for every pairs list).
+
+    ``names`` (default: ``str(source)``) names each image in the record. Returns the
+    :class:`EvaluationData` and a record: ``seed``, counts, and per image its ``role``
+    (``gallery`` / ``probe`` / ``distractor``) and every pair, so the split can be reproduced.
+    """
+    names = [str(source) for source, _ in images] if names is None else list(names)
+    by_identity: dict[str, list[int]] = {}
+    for index, (_, identity) in enumerate(images):
+        by_identity.setdefault(identity, []).append(index)
+    with_probes = sorted(identity for identity, members in by_identity.items() if len(members) >= 2)
+    if len(with_probes) < 2:
+        raise DataError(f"{origin}: need at least 2 identities with 2 or more images for a gallery/probe split, found {len(with_probes)}")
+    rng = np.random.default_rng(seed)
+    classes = with_probes
+    label_of = {identity: label for label, identity in enumerate(classes)}
+    role = [""] * len(images)
+    gallery, probe = [], []
+    for identity in sorted(by_identity):
+        members = by_identity[identity]
+        if len(members) == 1:
+            role[members[0]] = "distractor"
+            gallery.append((images[members[0]][0], -1))
+            continue
+        chosen = members[int(rng.integers(len(members)))]
+        for index in members:
+            role[index] = "gallery" if index == chosen else "probe"
+            (gallery if index == chosen else probe).append((images[index][0], label_of[identity]))
+    genuine_all = [(a, b) for identity in with_probes for i, a in enumerate(by_identity[identity]) for b in by_identity[identity][i + 1 :]]
+    n_genuine = min(len(genuine_all), max(max_pairs // 2, 1))
+    genuine = [genuine_all[i] for i in sorted(rng.choice(len(genuine_all), size=n_genuine, replace=False))]
+    identity_of = np.array([identity for _, identity in images], dtype=object)
+    impostor_available = (len(images) ** 2 - sum(len(m) ** 2 for m in by_identity.values())) // 2
+    n_impostor = min(n_genuine, impostor_available)
+    impostors: set[tuple[int, int]] = set()
+    while len(impostors) < n_impostor:
+        a, b = (int(x) for x in rng.integers(len(images), size=2))
+        if identity_of[a] != identity_of[b]:
+            impostors.add((min(a, b), max(a, b)))
+    pair_list = [(a, b, True) for a, b in genuine] + [(a, b, False) for a, b in sorted(impostors)]
+    pair_list = [pair_list[i] for i in rng.permutation(len(pair_list))]
+    used = sorted({i for a, b, _ in pair_list for i in (a, b)})
+    position = {image: k for k, image in enumerate(used)}
+    pairs = VerificationPairs(
+        [images[i][0] for i in used],
+        np.array([(position[a], position[b]) for a, b, _ in pair_list], dtype=np.int64).reshape(-1, 2),
+        np.array([same for _, _, same in pair_list], dtype=bool),
+        consecutive_folds(len(pair_list)),
+        origin, size, transform,
+    )
+    split = GalleryProbe(
+        gallery=LabelledImages(gallery, classes, origin, size, transform),
+        probe=LabelledImages(probe, classes, origin, size, transform),
+    )
+    record = {
+        "seed": seed,
+        "identities": len(by_identity),
+        "identities_with_probes": len(with_probes),
+        "single_image_identities": len(by_identity) - len(with_probes),
+        "gallery": len(gallery),
+        "probes": len(probe),
+        "distractors": len(gallery) - len(with_probes),
+        "genuine_pairs": n_genuine,
+        "genuine_pairs_available": len(genuine_all),
+        "impostor_pairs": len(impostors),
+        "images": [{"image": names[i], "identity": images[i][1], "role": role[i]} for i in range(len(images))],
+        "pairs": [{"first": names[a], "second": names[b], "same": same, "fold": int(f)}
+                  for (a, b, same), f in zip(pair_list, consecutive_folds(len(pair_list)))],
+    }
+    return EvaluationData(source=str(origin), split=split, pairs=pairs, protocol=record), record

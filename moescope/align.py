@@ -15,7 +15,8 @@ pixel indices: its crops sit 0.5 px lower-right of ours).
 
 Large images: :func:`encoded_size` reads the size from the header, :func:`detection_reduction`
 picks the scale at which to detect, :func:`decode_reduced` decodes JPEGs at 1/2, 1/4 or 1/8 in
-libjpeg (never holding the full-resolution pixels) and :func:`warp_reduction` picks the
+libjpeg (never holding the full-resolution pixels; these three live on the one image path,
+:mod:`facemoe_model.data.images`, and are re-exported here) and :func:`warp_reduction` picks the
 coarsest scale that still has a source pixel per crop pixel (``benchmarks/bench_large_image.py``:
 a 10000x10000 JPEG costs 52 MiB above the imports this way, 577 MiB decoded in full).
 
@@ -23,7 +24,6 @@ Everything here is a pure function of arrays (no mediapipe): detection happens e
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -31,6 +31,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from facemoe_model.data.images import JPEG_REDUCTIONS, MAX_SIDE, decode_reduced, encoded_size, reduction_for
 from facemoe_model.geometry import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
 
 from .landmarks import NUM_LANDMARKS, five_points
@@ -84,8 +85,12 @@ bundled demo faces carry a deliberate residual misalignment (roll +-8 deg, scale
 crops, not ArcFace framing): 7.1-27.7 px, mean 14.9 (6 of 100 within). ``astronaut`` 47.6,
 ``grace_hopper`` 29.7."""
 
-MIN_DETECTION_CONFIDENCE = 0.5
-"""mediapipe's own default face-detection threshold (what Face Mesh already applies)."""
+MIN_DETECTION_CONFIDENCE = 0.6
+"""Minimum mediapipe face-detection score (short-range model, best over the padding variants
+of :mod:`moescope.landmarks`). Measured: bundled demo faces 0.80-0.93, the 100 ``lfw_subset``
+faces 0.62 and up, ``astronaut`` 0.92, ``grace_hopper`` 0.94; the ``lfw_subset`` texture that
+Face Mesh fits a mesh to (image 110) 0.56, so 0.6 rejects it on confidence too (mediapipe's own
+default, 0.5, does not)."""
 
 MIN_INTEROCULAR_PX = 6.0
 """Minimum eye-centre distance in source pixels (the minimum source face size). The 25x25
@@ -107,18 +112,14 @@ Foreshortening by pitch lowers it, yaw raises it; outside the bounds the mesh is
 REJECTION_REASONS = ("low_confidence", "face_too_small", "poor_fit", "implausible_landmarks")
 """Named reasons of :func:`face_quality`, in report order."""
 
-MAX_DETECTION_SIDE = 2048
+MAX_DETECTION_SIDE = MAX_SIDE
 """Images with a longer side are detected at a reduced scale (Face Mesh crops the face to
 192 px anyway); images up to this size are detected exactly as before."""
-
-JPEG_REDUCTIONS = (1, 2, 4, 8)
-"""Scales libjpeg decodes at directly (``cv2.IMREAD_REDUCED_COLOR_2/4/8``)."""
 
 PREFILTER_BELOW_SCALE = 0.5
 """When the crop has fewer than this many px per source px (a face over twice the crop size),
 the face region is first area-averaged to the crop's scale (a bilinear warp would alias)."""
 
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,54 +330,10 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, *, mode: str = "auto", 
 # Large images
 
 
-def encoded_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` of encoded image bytes from the header alone (Pillow, which
-    matplotlib requires; EXIF orientation not applied), None when unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
-    return height, width
-
-
-def decode_reduced(data: bytes, reduction: int = 1) -> tuple[np.ndarray, np.ndarray] | None:
-    """Decode image bytes at ``1 / reduction`` scale (one of ``JPEG_REDUCTIONS``):
-    ``(uint8 [h, w, 3] RGB, scale)``, ``scale`` the ``(x, y)`` full-resolution pixels per
-    decoded pixel, so full-resolution coordinates are decoded ones times ``scale``.
-
-    JPEGs are scaled inside libjpeg (the full-resolution pixels are never held; decoded pixel
-    ``i`` covers full pixels ``[k i, k (i + 1))``, so ``scale`` is exactly ``k``); other formats
-    are decoded fully, then area-averaged. EXIF orientation is applied. None when the bytes are
-    no image."""
-    if reduction not in _REDUCED_FLAGS:
-        raise ValueError(f"reduction must be one of {JPEG_REDUCTIONS}, got {reduction}")
-    encoded = np.frombuffer(data, dtype=np.uint8)
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    try:
-        bgr = cv2.imdecode(encoded, _REDUCED_FLAGS[reduction] if is_jpeg else cv2.IMREAD_COLOR)
-    except cv2.error:
-        bgr = None
-    if bgr is None:
-        return None
-    scale = np.array([float(reduction), float(reduction)]) if is_jpeg else np.ones(2)
-    if not is_jpeg and reduction > 1:
-        height, width = bgr.shape[:2]
-        size = (max(1, round(width / reduction)), max(1, round(height / reduction)))
-        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        scale = np.array([width / size[0], height / size[1]])
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr), scale
-
-
 def detection_reduction(height: int, width: int, max_side: int = MAX_DETECTION_SIDE) -> int:
     """Smallest ``JPEG_REDUCTIONS`` factor bringing the long side to ``max_side`` or less
-    (the largest when none does)."""
-    for reduction in JPEG_REDUCTIONS:
-        if math.ceil(max(height, width) / reduction) <= max_side:
-            return reduction
-    return JPEG_REDUCTIONS[-1]
+    (the largest when none does); :func:`facemoe_model.data.images.reduction_for`."""
+    return reduction_for(height, width, max_side)
 
 
 def warp_reduction(landmarks: np.ndarray) -> int:

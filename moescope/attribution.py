@@ -8,6 +8,9 @@ image's own embedding, the score of that very image is 1, its maximum, where the
 vanishes: Grad-CAM (a gradient at ``x``) is then ~0 everywhere. Use it on a degraded version
 of the image (e.g. low resolution) against the clean embedding, or against a gallery mate;
 Integrated Gradients is unaffected (it integrates gradients from the baseline up to ``x``).
+``moescope maps`` (:mod:`moescope.runners.maps`) therefore never uses the self-reference: it
+takes the gallery mate with evaluation data, else the mean embedding of the other analysed
+images of the same identity folder, else of all other analysed images, and records which.
 
 captum pieces used, and why:
 

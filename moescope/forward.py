@@ -7,6 +7,10 @@ errors — and hands back, per batch and model, the outputs, each MoE layer's ro
 (:class:`~moescope.trace.RoutingTrace`) and, when asked, per-image layer features
 (:class:`~moescope.features.FeatureCapture`). Hooks are always removed.
 
+``prefetch=N`` prepares the next ``N`` batches (decoding, landmarks, region masks: whatever
+produces them) in a background thread while the models run; use it only when the batches do not
+depend on the results of earlier ones.
+
 ``grad=False`` (default) runs every forward pass under ``torch.inference_mode``. ``grad=True``
 is the gradient path (activation maps, attacks): no inference mode, the inputs require grad
 (a batch that already does — e.g. ``normalise(x01)`` of a leaf ``x01`` — is used as it is,
@@ -19,6 +23,8 @@ the protocols' figures, optionally with the expert usage observed while they ran
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,7 +40,7 @@ from .features import FeatureCapture
 from .stats.cka import FeatureMode
 from .trace import LayerRouting, RoutingTrace
 
-__all__ = ["ModelPass", "Step", "Evaluation", "forward_passes", "evaluate_model"]
+__all__ = ["ModelPass", "Step", "Evaluation", "forward_passes", "evaluate_model", "prefetched"]
 
 
 @dataclass
@@ -60,6 +66,63 @@ def _images(batch: Any) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else batch.images
 
 
+def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of ``items``, produced up to ``depth`` ahead in a background thread (in order).
+
+    An exception raised while producing is raised here, at the item it replaced. Closing the
+    iterator (or leaving the loop) stops the producer after the item it is working on and closes
+    ``items`` (so its own clean-up runs); the thread is joined before this generator finishes.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(message) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put((True, item)):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=work, name="moescope-prefetch", daemon=True)
+    thread.start()
+    interrupted = False
+    try:
+        while True:
+            message = slots.get()
+            if message is done:
+                return
+            ok, value = message
+            if not ok:
+                raise value
+            yield value
+    except KeyboardInterrupt:
+        interrupted = True  # do not wait for a long item (a chunk of landmark detection): the thread is a daemon
+        raise
+    finally:
+        stop.set()
+        thread.join(timeout=1.0 if interrupted else None)
+
+
 def forward_passes(
     models: Sequence[nn.Module],
     batches: Iterable[Any],
@@ -70,6 +133,7 @@ def forward_passes(
     feature_mode: FeatureMode = "flatten",
     grad: bool = False,
     keep_graph: bool = False,
+    prefetch: int = 0,
 ) -> Iterator[Step]:
     """Run every model on every batch; yield a :class:`Step` per batch.
 
@@ -80,6 +144,7 @@ def forward_passes(
         features: module names whose per-image features to capture (``feature_mode``).
         grad: the gradient path (see the module docstring); ``keep_graph`` keeps the captured
             features attached to the graph.
+        prefetch: batches produced ahead in a background thread (:func:`prefetched`; 0: none).
 
     A generator: wrap it in ``contextlib.closing`` when stopping early, so hooks and modes are
     restored at once.
@@ -98,7 +163,8 @@ def forward_passes(
                 yield current[0]
 
         runners = [stack.enter_context(contextlib.closing(run_batches(m, feed(), grad=grad, with_inputs=True))) for m in models]
-        for batch in batches:
+        source = stack.enter_context(contextlib.closing(prefetched(batches, prefetch))) if prefetch > 0 else batches
+        for batch in source:
             current[:] = [_images(batch)]
             passes = []
             for runner, trace, capture in zip(runners, traces, captures):
@@ -128,7 +194,12 @@ def evaluate_model(
 ) -> Evaluation:
     """Every protocol of ``data`` (:func:`facemoe_model.protocols.evaluate`, the figures ``moescope
     eval`` reports); with ``count_usage``, the expert usage of ``layers`` (default all) over every
-    forward pass of it (images and mirror images; grid tokens)."""
+    forward pass of it (images and mirror images; grid tokens).
+
+    Under ``torchrun`` every rank embeds its share of the images (the embeddings are gathered,
+    :func:`facemoe_model.evaluate.embed_dataset`) and the usage counts are summed over the ranks."""
+    from .distributed import reduce_usage
+
     with ExpertUsage(model, layers) if count_usage else contextlib.nullcontext() as counter:
         figures = evaluate(model, data, batch_size=batch_size, flip=flip, probe_transform=probe_transform)
-    return Evaluation(figures, counter.counts if counter is not None else None)
+    return Evaluation(figures, reduce_usage(counter.counts) if counter is not None else None)

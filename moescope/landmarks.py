@@ -1,4 +1,4 @@
-"""Face Mesh landmarks: cached parallel detection and the aligned-face template.
+"""Face Mesh landmarks: cached parallel detection with a confidence, and the aligned-face template.
 
 Images come from the one image path (:func:`facemoe_model.data.images.read_image`).
 
@@ -10,7 +10,13 @@ lie outside the image (tight crops cut off the face oval).
 Small images (112x112 aligned crops, 25x25 LFW crops) are upscaled so that their long side is
 ``DETECTION_SETTINGS["min_detection_size"]`` px, and where no face is found the image is padded
 and tried again (mediapipe's face detector misses faces that fill the frame); the landmarks are
-mapped back to the original pixels.
+mapped back to the original pixels. Face Mesh looks for several faces; the largest is kept and
+the others counted (:class:`DetectedFace`), and mediapipe's face detector scores it (the quality
+gate of :mod:`moescope.align` uses the score).
+
+The cache (:func:`detect_faces`) cannot lie: each entry records the content hash of the image,
+the mediapipe version, the detector settings and a checksum of its arrays, and is used only when
+all of them verify; an unusable cache location is one warning and the run goes on uncached.
 """
 from __future__ import annotations
 
@@ -21,16 +27,19 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
 from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from facemoe_model.fileio import atomic_write
 from facemoe_model.geometry import ALIGNED_FIVE_POINTS, ALIGNED_SIZE
 
 from .cache import cache_dir
@@ -39,6 +48,9 @@ __all__ = [
     "ALIGNED_FIVE_POINTS",
     "ALIGNED_SIZE",
     "DETECTION_SETTINGS",
+    "CacheWarning",
+    "DetectedFace",
+    "detect_faces",
     "NUM_LANDMARKS",
     "build_template",
     "default_cache_dir",
@@ -51,7 +63,8 @@ __all__ = [
 NUM_LANDMARKS = 468
 
 DETECTION_SETTINGS: dict[str, Any] = {
-    "version": 1,
+    # 2: several faces per image (the largest kept, the others counted) and a detection score.
+    "version": 2,
     "mediapipe": metadata.version("mediapipe"),
     # Images whose long side is shorter are upscaled (bicubic) to it before detection.
     "min_detection_size": 256,
@@ -64,14 +77,30 @@ DETECTION_SETTINGS: dict[str, Any] = {
     # The attention mesh model: more accurate eyes and lips (synthetic faces' region tokens agree
     # with their ground truth 90.4% vs 89.0% without); its 10 extra iris points are dropped.
     "refine_landmarks": True,
+    # Face Mesh looks for up to this many faces; the largest (landmark hull area) is kept.
+    "max_num_faces": 4,
+    # The confidence: mediapipe face_detection (short-range model, what Face Mesh runs inside)
+    # score of the box holding the kept face, best over all padding variants (0 when none does).
+    "score_model": 0,
+    "min_score_reported": 0.05,
 }
-"""Everything that determines the landmarks; part of every cache key."""
+"""Everything that determines the detections; part of every cache key and recorded in every entry."""
 
 # Uncached images per extra worker process before a Pool pays for its start-up (~1 s per worker).
 MIN_IMAGES_PER_WORKER = 200
 
 TEMPLATE_ASSET = "face_template_468.npy"
 NOSE_TIP, MOUTH_CORNERS = 1, (61, 291)
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """The face kept in one image: its Face Mesh ``landmarks`` (``float32 [468, 2]``, image
+    pixels), the detector's ``confidence`` (0-1) and how many ``faces`` Face Mesh found."""
+
+    landmarks: np.ndarray
+    confidence: float
+    faces: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,57 +121,101 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _create_face_mesh() -> Any:
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import mediapipe as mp
+class _Detector:
+    """Face Mesh plus the face detector that scores its faces (one of each per process)."""
 
-    with _native_stderr_silenced():
-        return mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True,
-            max_num_faces=1,
-            refine_landmarks=DETECTION_SETTINGS["refine_landmarks"],
-            min_detection_confidence=DETECTION_SETTINGS["min_detection_confidence"],
-        )
+    def __init__(self) -> None:
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import mediapipe as mp
+
+        with _native_stderr_silenced():
+            self.mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True,
+                max_num_faces=DETECTION_SETTINGS["max_num_faces"],
+                refine_landmarks=DETECTION_SETTINGS["refine_landmarks"],
+                min_detection_confidence=DETECTION_SETTINGS["min_detection_confidence"],
+            )
+            self.scorer = mp.solutions.face_detection.FaceDetection(
+                model_selection=DETECTION_SETTINGS["score_model"],
+                min_detection_confidence=DETECTION_SETTINGS["min_score_reported"],
+            )
+
+    def __enter__(self) -> "_Detector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mesh.close()
+        self.scorer.close()
 
 
-def _detect_one(face_mesh: Any, image: np.ndarray) -> np.ndarray | None:
-    """Upscale + pad ``image``, run Face Mesh, map the landmarks back to ``image`` pixels."""
+def _create_face_mesh() -> _Detector:
+    return _Detector()
+
+
+def _padded_variants(image: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+    for pad_fraction in DETECTION_SETTINGS["pad_fractions"]:
+        pad = round(pad_fraction * max(image.shape[:2]))
+        yield cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)), pad
+
+
+def _score(detector: _Detector, image: np.ndarray, face: np.ndarray) -> float:
+    """Best detection score, over the padding variants, of a box whose centre lies inside the
+    bounding box of ``face`` (landmarks in ``image`` pixels); 0 when no box does."""
+    low, high = face.min(axis=0), face.max(axis=0)
+    best = 0.0
+    for padded, pad in _padded_variants(image):
+        with _native_stderr_silenced():
+            found = detector.scorer.process(padded).detections or []
+        size = np.array([padded.shape[1], padded.shape[0]])
+        for detection in found:
+            box = detection.location_data.relative_bounding_box
+            centre = np.array([box.xmin + box.width / 2, box.ymin + box.height / 2]) * size - pad
+            if (low <= centre).all() and (centre <= high).all():
+                best = max(best, float(detection.score[0]))
+    return best
+
+
+def _detect_one(detector: _Detector, image: np.ndarray) -> DetectedFace | None:
+    """Upscale + pad ``image``, run Face Mesh, keep the largest face, map its landmarks back to
+    ``image`` pixels and score it."""
+    from .align import largest_face
+
     height, width = image.shape[:2]
     upscale = max(1.0, DETECTION_SETTINGS["min_detection_size"] / max(height, width))
     if upscale > 1.0:
         image = cv2.resize(image, (round(width * upscale), round(height * upscale)), interpolation=cv2.INTER_CUBIC)
     scale = np.array([image.shape[1] / width, image.shape[0] / height])
-    for pad_fraction in DETECTION_SETTINGS["pad_fractions"]:
-        pad = round(pad_fraction * max(image.shape[:2]))
-        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    for padded, pad in _padded_variants(image):
         with _native_stderr_silenced():
-            found = face_mesh.process(padded).multi_face_landmarks
+            found = detector.mesh.process(padded).multi_face_landmarks
         if found:
-            normalised = np.array([(p.x, p.y) for p in found[0].landmark[:NUM_LANDMARKS]])
             padded_hw = np.array([padded.shape[1], padded.shape[0]])
-            return ((normalised * padded_hw - pad) / scale).astype(np.float32)
+            faces = [np.array([(p.x, p.y) for p in face.landmark[:NUM_LANDMARKS]]) * padded_hw - pad for face in found]
+            kept = faces[largest_face(faces) if len(faces) > 1 else 0]
+            confidence = _score(detector, image, kept)
+            return DetectedFace((kept / scale).astype(np.float32), confidence, len(faces))
     return None
 
 
-_worker_face_mesh: Any = None
+_worker_detector: Any = None
 
 
 def _init_worker() -> None:
-    global _worker_face_mesh
-    _worker_face_mesh = _create_face_mesh()
+    global _worker_detector
+    _worker_detector = _create_face_mesh()
 
 
-def _detect_in_worker(image: np.ndarray) -> np.ndarray | None:
-    return _detect_one(_worker_face_mesh, image)
+def _detect_in_worker(image: np.ndarray) -> DetectedFace | None:
+    return _detect_one(_worker_detector, image)
 
 
-def _detect_many(images: list[np.ndarray], workers: int) -> Iterator[np.ndarray | None]:
-    """Landmarks of ``images`` in order: in this process, or in a Pool of ``workers`` processes."""
+def _detect_many(images: list[np.ndarray], workers: int) -> Iterator[DetectedFace | None]:
+    """Detections of ``images`` in order: in this process, or in a Pool of ``workers`` processes."""
     if workers <= 1:
-        with _create_face_mesh() as face_mesh:
+        with _create_face_mesh() as detector:
             for image in images:
-                yield _detect_one(face_mesh, image)
+                yield _detect_one(detector, image)
         return
     # spawn: forking a process whose threads (torch, mediapipe) hold locks can deadlock the children.
     context = multiprocessing.get_context("spawn")
@@ -152,7 +225,7 @@ def _detect_many(images: list[np.ndarray], workers: int) -> Iterator[np.ndarray 
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache
+# Cache: entries that record what produced them and are verified on read
 
 
 def default_cache_dir() -> Path:
@@ -160,70 +233,136 @@ def default_cache_dir() -> Path:
     return cache_dir("landmarks")
 
 
-def _cache_key(image: np.ndarray) -> str:
-    digest = hashlib.sha256(json.dumps(DETECTION_SETTINGS, sort_keys=True).encode())
-    digest.update(f"{image.dtype.str}{image.shape}".encode())
+def _settings_json() -> str:
+    return json.dumps(DETECTION_SETTINGS, sort_keys=True)
+
+
+def _content_hash(image: np.ndarray) -> str:
+    """sha256 of the pixels, their dtype and shape: which image an entry belongs to."""
+    digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
     digest.update(np.ascontiguousarray(image).data)
     return digest.hexdigest()
 
 
+def _cache_key(image: np.ndarray, content: str | None = None) -> str:
+    """The entry name: sha256 of the detector settings and the image's content hash."""
+    content = content or _content_hash(image)
+    return hashlib.sha256((_settings_json() + content).encode()).hexdigest()
+
+
 def _cache_path(cache_dir: Path, key: str) -> Path:
-    return cache_dir / key[:2] / f"{key}.npy"
+    return cache_dir / key[:2] / f"{key}.npz"
 
 
-def _read_cache(path: Path) -> tuple[bool, np.ndarray | None]:
-    """``(hit, landmarks)``; a missing, unreadable or malformed entry is a miss."""
-    try:
-        stored = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return False, None
-    if stored.dtype != np.float32 or stored.shape not in ((NUM_LANDMARKS, 2), (0, 2)):
-        return False, None
-    if not np.isfinite(stored).all():
-        return False, None
-    return True, (stored if len(stored) else None)
+def _checksum(landmarks: np.ndarray, confidence: float, faces: int) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(landmarks, dtype=np.float32).tobytes())
+    digest.update(repr((float(confidence), int(faces))).encode())
+    return digest.hexdigest()
 
 
-def _write_cache(path: Path, landmarks: np.ndarray | None) -> None:
+def _entry_bytes(content: str, found: DetectedFace | None) -> bytes:
+    landmarks = np.zeros((0, 2), np.float32) if found is None else np.asarray(found.landmarks, np.float32)
+    confidence, faces = (0.0, 0) if found is None else (found.confidence, found.faces)
+    record = {
+        "image_sha256": content,
+        "mediapipe": DETECTION_SETTINGS["mediapipe"],
+        "settings": _settings_json(),
+        "confidence": float(confidence),
+        "faces": int(faces),
+        "checksum": _checksum(landmarks, confidence, faces),
+    }
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros((0, 2), np.float32) if landmarks is None else landmarks)
-    atomic_write(path, buffer.getvalue())
+    np.savez(buffer, landmarks=landmarks, record=np.frombuffer(json.dumps(record, sort_keys=True).encode(), np.uint8))
+    return buffer.getvalue()
 
 
-def detect_landmarks(
+def _read_cache(path: Path, content: str) -> tuple[bool, DetectedFace | None]:
+    """``(hit, detection)``. A miss: the entry is missing, unreadable or malformed, or does not
+    verify: made for other pixels, another mediapipe or other settings, or its landmarks do not
+    match its checksum."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            landmarks, raw = stored["landmarks"], stored["record"]
+        record = json.loads(raw.tobytes().decode())
+        confidence, faces = float(record["confidence"]), int(record["faces"])
+        verified = (
+            record["image_sha256"] == content
+            and record["mediapipe"] == DETECTION_SETTINGS["mediapipe"]
+            and record["settings"] == _settings_json()
+            and landmarks.dtype == np.float32
+            and landmarks.shape == ((NUM_LANDMARKS, 2) if faces else (0, 2))
+            and record["checksum"] == _checksum(landmarks, confidence, faces)
+            and bool(np.isfinite(landmarks).all())
+        )
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zipfile.BadZipFile):
+        return False, None
+    if not verified:
+        return False, None
+    return True, (DetectedFace(landmarks, confidence, faces) if faces else None)
+
+
+def _write_cache(path: Path, data: bytes) -> None:
+    """Temp file + rename, no fsync: an entry torn by a crash fails verification and is redone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _warn(message: str, on_warning: Callable[[str], None] | None) -> None:
+    if on_warning is not None:
+        on_warning(message)
+    else:
+        warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+class CacheWarning(UserWarning):
+    """The landmark cache cannot be used; the run goes on without it."""
+
+
+def detect_faces(
     images: Sequence[np.ndarray],
     *,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     workers: int | None = None,
     progress: bool = True,
-) -> list[np.ndarray | None]:
-    """Face Mesh landmarks (``float32 [468, 2]``, original pixel coordinates) of each image.
+    on_warning: Callable[[str], None] | None = None,
+) -> list[DetectedFace | None]:
+    """The face kept in each image (:class:`DetectedFace`), None where no face was found.
 
     Args:
         images: ``uint8 [H, W, 3]`` RGB images (e.g. from :func:`facemoe_model.data.images.read_image`).
-        cache_dir: landmark cache folder; default :func:`default_cache_dir`. Entries are keyed
-            by the sha256 of the pixels, shape and ``DETECTION_SETTINGS``, so a repeated run
-            over the same images does not run mediapipe; corrupt entries are recomputed.
+        cache_dir: landmark cache folder; default :func:`default_cache_dir`. An entry is named by
+            the sha256 of ``DETECTION_SETTINGS`` and the pixels; it records the pixels' hash, the
+            mediapipe version, the settings and a checksum of its arrays, all verified on read:
+            an entry that does not verify is a miss and is rewritten.
         use_cache: False neither reads nor writes the cache.
         workers: processes for the uncached images; None picks ``min(cpu_count,
             uncached // MIN_IMAGES_PER_WORKER)``; 0 or 1 runs in this process.
         progress: show a tqdm progress bar over the uncached images.
-
-    Returns:
-        One entry per image, None where no face was found (callers count and handle those).
+        on_warning: called once with a one-line message when the cache cannot be used (the
+            folder is a file, not writable, an entry is a folder ...); the run goes on uncached.
+            Default: :class:`CacheWarning` via :func:`warnings.warn`.
     """
     for index, image in enumerate(images):
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
             raise ValueError(f"images[{index}] must be a uint8 [H, W, 3] RGB array")
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    results: list[np.ndarray | None] = [None] * len(images)
-    cache_paths: list[Path | None] = [None] * len(images)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else (default_cache_dir() if use_cache else None)
+    results: list[DetectedFace | None] = [None] * len(images)
+    contents: list[str] = [""] * len(images)
     missing: list[int] = []
     for index, image in enumerate(images):
         if use_cache:
-            cache_paths[index] = _cache_path(cache, _cache_key(image))
-            hit, results[index] = _read_cache(cache_paths[index])
+            contents[index] = _content_hash(image)
+            hit, results[index] = _read_cache(_cache_path(cache, _cache_key(image, contents[index])), contents[index])
             if hit:
                 continue
         missing.append(index)
@@ -233,13 +372,36 @@ def detect_landmarks(
         workers = min(os.cpu_count() or 1, len(missing) // MIN_IMAGES_PER_WORKER)
     workers = max(1, min(workers, len(missing)))
     detections = _detect_many([images[i] for i in missing], workers)
-    for index, landmarks in tqdm(
+    failed: list[str] = []
+    for index, found in tqdm(
         zip(missing, detections), total=len(missing), disable=not progress, desc="face landmarks", unit="img"
     ):
-        results[index] = landmarks
-        if use_cache:
-            _write_cache(cache_paths[index], landmarks)
+        results[index] = found
+        if use_cache and len(failed) < 2:  # two failures: the cache is off for the rest of the call
+            path = _cache_path(cache, _cache_key(images[index], contents[index]))
+            try:
+                _write_cache(path, _entry_bytes(contents[index], found))
+            except OSError as exc:
+                failed.append(f"{exc.filename or path}: {exc.strerror or type(exc).__name__}")
+    if failed:
+        _warn(f"landmark cache {cache} is unusable ({failed[0]}); going on without caching", on_warning)
     return results
+
+
+def detect_landmarks(
+    images: Sequence[np.ndarray],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    workers: int | None = None,
+    progress: bool = True,
+    on_warning: Callable[[str], None] | None = None,
+) -> list[np.ndarray | None]:
+    """Face Mesh landmarks (``float32 [468, 2]``, original pixel coordinates) of each image's
+    largest face, None where no face was found: :func:`detect_faces` without the scores."""
+    found = detect_faces(images, cache_dir=cache_dir, use_cache=use_cache, workers=workers, progress=progress,
+                         on_warning=on_warning)
+    return [None if face is None else face.landmarks for face in found]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +415,7 @@ def landmark_set(connections: frozenset[tuple[int, int]]) -> list[int]:
 
 def five_points(landmarks: np.ndarray) -> np.ndarray:
     """``[5, 2]`` eye centres, nose tip and mouth corners, image-left first (ArcFace order)."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_LEFT_EYE, FACEMESH_RIGHT_EYE
+    from .mesh import FACEMESH_LEFT_EYE, FACEMESH_RIGHT_EYE
 
     return np.stack(
         [

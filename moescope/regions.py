@@ -66,7 +66,7 @@ class _Outlines(NamedTuple):
 
 @cache
 def _outlines() -> _Outlines:
-    from mediapipe.python.solutions import face_mesh_connections as fmc
+    from .mesh import face_mesh_connections as fmc
 
     sides = ((fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_EYEBROW), (fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_EYEBROW))
     return _Outlines(

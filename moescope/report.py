@@ -44,6 +44,8 @@ __all__ = [
 STATUSES = ("ok", "failed", "not applicable")
 MAX_TABLE_ROWS = 200
 """Rows shown per table on the page; the JSON twin always holds the whole table."""
+COLLAPSE_ROWS = 24
+"""Tables longer than this are folded (``<details>``): the summary line shows their caption and size."""
 
 
 class NotApplicable(Exception):
@@ -195,6 +197,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.3em 0}
 th,td{border:1px solid #d5dbe1;padding:.2em .55em;text-align:right}
 th{background:#eef2f5}
 td.key,th.key{text-align:left}
+details{margin:.3em 0}details summary{cursor:pointer;font-weight:600;font-size:.9em;color:#1f3b57}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.2em 0}
 figure{margin:.6em 0}
 figure img{max-width:100%;height:auto;border:1px solid #eef2f5}
@@ -220,8 +223,15 @@ def _value_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _folded(text: str, limit: int = 160) -> str:
+    """Escaped ``text``; a long value (nested tables in a summary) folds behind its first characters."""
+    if len(text) <= limit:
+        return _esc(text)
+    return f"<details><summary>{_esc(text[:limit])} …</summary>{_esc(text)}</details>"
+
+
 def _key_value_table(items: Mapping[str, Any], css: str) -> str:
-    rows = "".join(f'<tr><th class="key">{_esc(k)}</th><td class="key">{_esc(_value_text(v))}</td></tr>' for k, v in items.items())
+    rows = "".join(f'<tr><th class="key">{_esc(k)}</th><td class="key">{_folded(_value_text(v))}</td></tr>' for k, v in items.items())
     return f'<div class="scroll"><table class="{css}">{rows}</table></div>'
 
 
@@ -241,6 +251,8 @@ def _table_html(df: pd.DataFrame, caption: str, uuid: str, max_rows: int) -> str
     out = f'<div class="scroll">{styler.to_html()}</div>'
     if len(df) > max_rows:
         out += f'<p class="truncated">showing the first {max_rows} of {len(df)} rows; report.json holds them all</p>'
+    if len(df) > COLLAPSE_ROWS:  # long tidy tables fold away (HTML <details>, no script) so the page stays readable
+        out = f'<details><summary>{html.escape(caption)} ({len(df)} rows)</summary>{out}</details>'
     return out
 
 
@@ -253,7 +265,19 @@ def _png_data_uri(figure: Any, dpi: int) -> str:
         data = buf.getvalue()
     if not data.startswith(b"\x89PNG"):
         raise ValueError("figure bytes are not a PNG image")
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(_without_text_chunks(data)).decode("ascii")
+
+
+def _without_text_chunks(png: bytes) -> bytes:
+    """The PNG without its text metadata chunks (tEXt/zTXt/iTXt: e.g. matplotlib's URL), pixels untouched."""
+    out, pos = [png[:8]], 8
+    while pos + 8 <= len(png):
+        length = int.from_bytes(png[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if png[pos + 4:pos + 8] not in (b"tEXt", b"zTXt", b"iTXt"):
+            out.append(png[pos:end])
+        pos = end
+    return b"".join(out)
 
 
 def _section_html(s: Section, sid: str, max_rows: int, dpi: int) -> str:
@@ -270,14 +294,14 @@ def _section_html(s: Section, sid: str, max_rows: int, dpi: int) -> str:
         parts.append(f'<p class="note {status_cls}"><strong>{label}:</strong> {_esc(s.note)}</p>')
     if s.summary:
         parts += ["<h3>Summary</h3>", _key_value_table(s.summary, "summary")]
-    for i, (name, df) in enumerate(s.tables.items()):
-        if i == 0:
-            parts.append("<h3>Tables</h3>")
-        parts.append(_table_html(df, name, f"{sid}-t{i}", max_rows))
     for i, (name, fig) in enumerate(s.figures.items()):
         if i == 0:
             parts.append("<h3>Figures</h3>")
         parts.append(f'<figure><img src="{_png_data_uri(fig, dpi)}" alt="{_esc(name)}"><figcaption>{_esc(name)}</figcaption></figure>')
+    for i, (name, df) in enumerate(s.tables.items()):
+        if i == 0:
+            parts.append("<h3>Tables</h3>")
+        parts.append(_table_html(df, name, f"{sid}-t{i}", max_rows))
     if s.warnings:
         parts += ["<h3>Warnings</h3>", '<ul class="warnings">', *[f"<li>{_esc(w)}</li>" for w in s.warnings], "</ul>"]
     if s.settings:

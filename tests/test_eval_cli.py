@@ -6,6 +6,8 @@ import io
 import json
 import shutil
 
+import numpy as np
+
 import pytest
 
 from facemoe_model import read_checkpoint
@@ -176,3 +178,86 @@ def test_default_checkpoint_literal_appears_once():
     hits = [(p.relative_to(root).as_posix(), n) for p in files
             for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"""["']demo:after["']""", line)]
     assert DEFAULT_CHECKPOINT == "demo:after" and hits == [("demo.py", hits[0][1])], hits
+
+
+# --- eval --data DIR: identity folders -> seeded split and pairs, alignment on the way ---------
+
+
+@pytest.fixture(scope="module")
+def identity_folder(tmp_path_factory):
+    """12 demo identities, one single-image identity, and two real photos (astronaut, grace_hopper)
+    as single-image identities (gallery distractors once aligned), plus a non-face texture."""
+    import cv2
+    import matplotlib.cbook
+    import matplotlib.image
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("ids")
+    folders = sorted(p for p in demo_images_dir().iterdir() if p.is_dir())
+    for folder in folders[:12]:
+        shutil.copytree(folder, root / folder.name)
+    (root / "single").mkdir()
+    shutil.copy(sorted(folders[-1].iterdir())[0], root / "single" / "only.png")
+    for name, image in (("astronaut", skimage.data.astronaut()),
+                        ("grace_hopper", matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))):
+        (root / name).mkdir()
+        cv2.imwrite(str(root / name / f"{name}.png"), cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2BGR))
+    (root / "texture").mkdir()
+    texture = (skimage.data.lfw_subset()[110] * 255).astype(np.uint8)
+    cv2.imwrite(str(root / "texture" / "texture.png"), texture)
+    return root
+
+
+def test_eval_data_builds_a_seeded_recorded_protocol(identity_folder):
+    first = eval_json("demo:after", "--data", str(identity_folder), "--seed", "3")
+    again = eval_json("demo:after", "--data", str(identity_folder), "--seed", "3")
+    other = eval_json("demo:after", "--data", str(identity_folder), "--seed", "4")
+    assert first == again and first["tables"]["split"] != other["tables"]["split"]
+    protocol = first["settings"]["protocol"]
+    split = first["tables"]["split"]
+    roles = {}
+    for row in split:
+        roles.setdefault(row["identity"], []).append(row["role"])
+    assert protocol["seed"] == 3 and protocol["identities_with_probes"] == 12
+    assert all(r.count("gallery") == 1 for name, r in roles.items() if len(r) > 1)
+    assert roles["single"] == ["distractor"] and roles["astronaut"] == ["distractor"] and roles["grace_hopper"] == ["distractor"]
+    assert "texture" not in roles  # no accepted face: left out and counted
+    alignment = first["summary"]["alignment"]
+    assert alignment["mode"] == "auto" and alignment["aligned"] >= 2 and alignment["rejected"] >= 1
+    assert any("left out of the evaluation" in w for w in first["warnings"])
+    ident = first["summary"]["identification"]
+    assert ident["distractors"] == 3 and ident["gallery"] == 15 and ident["probes"] == len(split) - 15
+    assert first["summary"]["chance_rank1"] == pytest.approx(1 / 15) and ident["Rank-1"] > 5 / 15
+    pairs = first["tables"]["pairs"]
+    identity_of = {row["image"]: row["identity"] for row in split}
+    assert sum(p["same"] for p in pairs) == sum(not p["same"] for p in pairs) == protocol["genuine_pairs"]
+    assert all((identity_of[p["first"]] == identity_of[p["second"]]) == p["same"] for p in pairs)
+    assert first["summary"]["verification"]["pairs"] == len(pairs) and first["summary"]["chance_verification"] == 0.5
+
+
+def test_eval_data_alignment_modes(identity_folder):
+    none = eval_json("demo:after", "--data", str(identity_folder), "--align", "none")
+    assert none["summary"]["alignment"] == {"mode": "none", "unaligned": len(none["tables"]["split"]), "rejected": 0, "unreadable": 0}
+    assert "texture" in {row["identity"] for row in none["tables"]["split"]}  # nothing detected, nothing rejected
+    # demo faces are canonical crops: auto passes them through unchanged, so their embeddings are those of --align none
+    auto = eval_json("demo:after", "--data", str(identity_folder))
+    assert auto["summary"]["alignment"]["canonical"] == sum(1 for r in auto["tables"]["split"] if r["identity"] not in ("astronaut", "grace_hopper"))
+
+
+def test_eval_data_errors(tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(sorted(next(demo_images_dir().iterdir()).iterdir())[0], tmp_path / "a" / "x.png")
+    assert main(["eval", "--data", str(tmp_path)]) == 2  # one identity with one image: no split
+
+
+def test_split_sources_are_used_as_given_unless_aligned():
+    """Default --align for --split is none (the protocol as given); auto passes the demo split's canonical
+    crops through and aligns the rest, keeping every pair whose faces are accepted."""
+    given = eval_json("demo:after")
+    assert "alignment" not in given["summary"]
+    auto = eval_json("demo:after", "--align", "auto")
+    alignment = auto["summary"]["alignment"]
+    assert alignment["mode"] == "auto" and alignment["canonical"] >= 290
+    assert sum(v for k, v in alignment.items() if k in ("aligned", "canonical")) + alignment["rejected"] == given["summary"]["images"]
+    assert auto["summary"]["verification"]["pairs"] <= given["summary"]["verification"]["pairs"]
+    assert auto["summary"]["identification"]["Rank-1"] == pytest.approx(given["summary"]["identification"]["Rank-1"], abs=0.02)

@@ -1,6 +1,8 @@
 """Face Mesh detection, landmark cache, the image path (facemoe_model.data.images) and the aligned-face template, on real photos."""
 from __future__ import annotations
 
+import os
+import subprocess
 
 import cv2
 import matplotlib.cbook
@@ -117,7 +119,8 @@ def test_rejects_non_rgb_uint8():
 def test_cache_hit_skips_mediapipe(tmp_path, photos, photo_landmarks, monkeypatch):
     images = list(photos.values()) + [np.full((40, 40, 3), 127, np.uint8)]  # the last has no face
     first = lm.detect_landmarks(images, cache_dir=tmp_path, progress=False)
-    assert len(list(tmp_path.rglob("*.npy"))) == len(images)
+    assert len(list(tmp_path.rglob("*.npz"))) == len(images)
+    assert not list(tmp_path.rglob("*.tmp"))  # no temp files left behind
     _forbid_detection(monkeypatch)
     second = lm.detect_landmarks([image.copy() for image in images], cache_dir=tmp_path, progress=False)
     assert second[-1] is None
@@ -130,20 +133,21 @@ def test_default_cache_dir_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "elsewhere"))
     assert lm.default_cache_dir() == tmp_path / "elsewhere" / "landmarks"
     lm.detect_landmarks(lfw_faces()[:1], progress=False)
-    assert len(list((tmp_path / "elsewhere" / "landmarks").rglob("*.npy"))) == 1
+    assert len(list((tmp_path / "elsewhere" / "landmarks").rglob("*.npz"))) == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape"])
 def test_corrupt_cache_entry_is_recomputed(tmp_path, damage):
     faces = lfw_faces()[:3]
     first = lm.detect_landmarks(faces, cache_dir=tmp_path, progress=False)
-    entry = tmp_path / lm._cache_key(faces[1])[:2] / f"{lm._cache_key(faces[1])}.npy"
+    entry = lm._cache_path(tmp_path, lm._cache_key(faces[1]))
     if damage == "truncate":
         entry.write_bytes(entry.read_bytes()[:100])
     elif damage == "garbage":
         entry.write_bytes(b"not a numpy file")
     else:
-        np.save(entry, np.zeros((5, 2), np.float32))
+        with open(entry, "wb") as handle:
+            np.save(handle, np.zeros((5, 2), np.float32))
     calls = []
     original = lm._detect_one
     lm_detect = lambda face_mesh, image: calls.append(image) or original(face_mesh, image)  # noqa: E731
@@ -153,7 +157,125 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path, damage):
     assert len(calls) == 1 and calls[0] is faces[1]
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(np.load(entry), first[1])
+    with np.load(entry) as stored:
+        np.testing.assert_array_equal(stored["landmarks"], first[1])
+
+
+def _rewrite_entry(path, landmarks: np.ndarray, record_changes: dict | None = None, fix_checksum: bool = False) -> None:
+    """Overwrite a cache entry with other landmarks (and record fields), as a tamperer would."""
+    import json
+
+    with np.load(path) as stored:
+        record = json.loads(stored["record"].tobytes().decode())
+    record.update(record_changes or {})
+    if fix_checksum:
+        record["checksum"] = lm._checksum(landmarks, record["confidence"], record["faces"])
+    with open(path, "wb") as handle:
+        np.savez(handle, landmarks=landmarks, record=np.frombuffer(json.dumps(record).encode(), np.uint8))
+
+
+def _counting_detector(patch) -> list:
+    calls = []
+    original = lm._detect_one
+    patch.setattr(lm, "_detect_one", lambda detector, image: calls.append(image) or original(detector, image))
+    return calls
+
+
+def test_tampered_landmarks_are_a_miss_and_rewritten(tmp_path, photos, photo_landmarks):
+    """Landmarks shifted by 30 px inside a well-formed entry: the checksum fails, mediapipe runs
+    again and the entry is rewritten with the true landmarks."""
+    image = photos["grace_hopper"]
+    (first,) = lm.detect_faces([image], cache_dir=tmp_path, progress=False)
+    entry = lm._cache_path(tmp_path, lm._cache_key(image))
+    _rewrite_entry(entry, first.landmarks + 30.0)
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _counting_detector(patch)
+        (second,) = lm.detect_faces([image], cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(second.landmarks, photo_landmarks["grace_hopper"])
+    with np.load(entry) as stored:
+        np.testing.assert_array_equal(stored["landmarks"], first.landmarks)
+
+
+def test_no_face_entry_written_over_a_face_is_a_miss(tmp_path, photos, photo_landmarks):
+    """A valid "no face" entry (of another image) copied over a face's entry: it was made for
+    other pixels, so it is not believed."""
+    image, blank = photos["astronaut"], np.full((64, 64, 3), 90, np.uint8)
+    lm.detect_faces([image, blank], cache_dir=tmp_path, progress=False)
+    face_entry = lm._cache_path(tmp_path, lm._cache_key(image))
+    face_entry.write_bytes(lm._cache_path(tmp_path, lm._cache_key(blank)).read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _counting_detector(patch)
+        (found,) = lm.detect_landmarks([image], cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1 and found is not None
+    np.testing.assert_array_equal(found, photo_landmarks["astronaut"])
+
+
+@pytest.mark.parametrize("field", ["mediapipe", "settings", "image_sha256"])
+def test_entry_from_another_producer_is_a_miss(tmp_path, photos, field):
+    """Even with a consistent checksum, an entry recording another mediapipe, other settings
+    or other pixels is a miss."""
+    image = photos["grace_hopper"]
+    (first,) = lm.detect_faces([image], cache_dir=tmp_path, progress=False)
+    entry = lm._cache_path(tmp_path, lm._cache_key(image))
+    original = entry.read_bytes()
+    _rewrite_entry(entry, first.landmarks, {field: "something else"}, fix_checksum=True)
+    assert lm._read_cache(entry, lm._content_hash(image)) == (False, None)
+    entry.write_bytes(original)  # control: the same rewrite without the changed field is a hit
+    _rewrite_entry(entry, first.landmarks, fix_checksum=True)
+    hit, again = lm._read_cache(entry, lm._content_hash(image))
+    assert hit and np.array_equal(again.landmarks, first.landmarks)
+
+
+@pytest.mark.parametrize("case", ["cache_is_a_file", "read_only_folder", "entry_is_a_folder"])
+def test_unusable_cache_location_warns_once_and_goes_on(tmp_path, photos, photo_landmarks, case):
+    image = photos["grace_hopper"]
+    root = tmp_path / "cache"
+    immutable = []
+    if case == "cache_is_a_file":
+        root.write_text("not a folder")
+    elif case == "read_only_folder":
+        root.mkdir()
+        root.chmod(0o500)
+        if os.access(root, os.W_OK):  # root ignores permissions; an immutable folder stops root too
+            if subprocess.run(["chattr", "+i", str(root)], capture_output=True).returncode:
+                pytest.skip("neither permissions nor chattr +i can make a read-only folder here")
+            immutable.append(root)
+    else:
+        entry = lm._cache_path(root, lm._cache_key(image))
+        (entry / "inside").mkdir(parents=True)
+    messages = []
+    try:
+        found = lm.detect_faces([image, lfw_faces()[0]], cache_dir=root, progress=False, on_warning=messages.append)
+        with pytest.warns(lm.CacheWarning):
+            lm.detect_faces([image], cache_dir=root, progress=False)
+    finally:
+        for folder in immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        if root.is_dir():
+            root.chmod(0o700)
+    assert len(messages) == 1 and "\n" not in messages[0] and str(root) in messages[0]
+    np.testing.assert_array_equal(found[0].landmarks, photo_landmarks["grace_hopper"])
+    assert found[1] is not None
+
+
+def test_detection_reports_confidence_and_keeps_the_largest_face(photos, photo_landmarks):
+    """Two faces side by side (grace_hopper and a half-size copy): both found, the large one
+    kept, its landmarks in the composite's pixels; confidences as measured."""
+    large = photos["grace_hopper"]
+    small = cv2.resize(large, (large.shape[1] // 2, large.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((large.shape[0], large.shape[1] + small.shape[1], 3), np.uint8)
+    canvas[:, : large.shape[1]] = large
+    canvas[: small.shape[0], large.shape[1] :] = small
+    (solo,) = lm.detect_faces([large], use_cache=False, progress=False)
+    assert solo.faces == 1 and solo.confidence > 0.9  # measured 0.94
+    (both,) = lm.detect_faces([canvas], use_cache=False, progress=False)
+    assert both.faces == 2
+    kept = lm.five_points(both.landmarks)
+    assert (kept[:, 0] < large.shape[1]).all()
+    eye_distance = np.linalg.norm(kept[1] - kept[0])
+    assert np.linalg.norm(kept - lm.five_points(solo.landmarks), axis=1).max() < 0.1 * eye_distance
+    assert both.confidence > 0.6
 
 
 def test_cache_key_depends_on_pixels_shape_and_settings(monkeypatch):

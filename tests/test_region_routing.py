@@ -137,3 +137,20 @@ def test_heatmap_is_a_figure_and_leaves_the_backend_alone():
     fig = region_routing_heatmap({"m": paper_table(counts.table(n_boot=0))})
     assert isinstance(fig, Figure) and len(fig.axes) == 2 and matplotlib.get_backend() == backend
     assert [ax.get_title() for ax in fig.axes] == ["m [a]", "m [b]"]
+
+
+def test_tables_carry_their_token_counts():
+    """Every paper row says how many tokens back it; per layer and region too (soft fractions count by area)."""
+    names = ["layers.0.blocks.0.mlp", "layers.1.blocks.0.mlp"]
+    counts = RegionRoutingCounts(names, 3, by="all")
+    routing = {names[0]: record([[[0, 1], [2, 0]]]), names[1]: record([[[1, 2], [1, 0]]])}
+    soft = np.zeros((1, R, 1, 2))
+    soft[0, 0, 0, 0], soft[0, R - 1, 0, 0] = 0.25, 0.75  # token 0: a quarter eyes, the rest background
+    soft[0, 1, 0, 1] = 1.0  # token 1: nose
+    counts.update(routing, {(1, 2): soft})
+    paper = paper_table(counts.table(n_boot=0)).set_index("Facial Region")
+    assert paper.loc["eyes", "Tokens"] == pytest.approx(0.5) and paper.loc["nose", "Tokens"] == pytest.approx(2.0)
+    assert paper.loc["hair_background", "Tokens"] == pytest.approx(1.5) and paper["Tokens"].sum() == pytest.approx(4.0)
+    tokens = counts.region_tokens().set_index(["layer", "region"])
+    assert tokens.loc[(names[1], "nose"), "tokens"] == pytest.approx(1.0) and tokens.loc[(names[1], "nose"), "percent"] == pytest.approx(50.0)
+    assert counts.face_token_share() == pytest.approx(1 - 1.5 / 4)

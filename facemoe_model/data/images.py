@@ -8,7 +8,10 @@ Nothing else in the project decodes images. Three steps:
 * **decoding** — :func:`decode_image` (bytes) and :func:`read_image` (a file) give RGB
   ``uint8 [H, W, 3]``: grey images are expanded to three channels, an alpha channel is
   dropped, 16-bit images are scaled to 8 bits (``value >> 8``) and the EXIF orientation is
-  applied (OpenCV ``IMREAD_COLOR``);
+  applied (OpenCV ``IMREAD_COLOR``); large images are read reduced (:func:`read_image_scaled`:
+  the size from the header, JPEGs decoded at 1/2, 1/4 or 1/8 inside libjpeg, anything still
+  larger area-downscaled right after decoding), so the full-resolution pixels of a
+  10000x10000 JPEG are never held;
 * **preprocessing** — :func:`preprocess` gives the normalised model input; the gradient path
   splits it into :func:`to_unit_tensor` (pixels in [0, 1], what an attack perturbs) and
   :func:`normalise`, with ``normalise(to_unit_tensor(img, s))`` bit-identical to
@@ -36,6 +39,12 @@ __all__ = [
     "list_identity_folders",
     "decode_image",
     "read_image",
+    "JPEG_REDUCTIONS",
+    "MAX_SIDE",
+    "encoded_size",
+    "decode_reduced",
+    "reduction_for",
+    "read_image_scaled",
     "unreadable_reason",
     "preprocess",
     "to_unit_tensor",
@@ -47,6 +56,15 @@ IMAGE_EXTENSIONS = frozenset({".bmp", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", "
 
 INPUT_SIZE = 120
 """Input side of the official FaceMoE network (112x112 aligned crops resized to 120)."""
+
+MAX_SIDE = 2048
+"""Default longest side :func:`read_image_scaled` decodes to; smaller images are read exactly
+as :func:`read_image` reads them."""
+
+JPEG_REDUCTIONS = (1, 2, 4, 8)
+"""Scales libjpeg decodes at directly (``cv2.IMREAD_REDUCED_COLOR_2/4/8``)."""
+
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 # --- listing ------------------------------------------------------------------------------
@@ -162,6 +180,104 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image is None:
         raise DataError(f"cannot decode image {path}: not an image file or corrupt")
     return image
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of encoded image bytes from the header alone (Pillow; EXIF
+    orientation not applied), None when Pillow cannot read the header."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read: no decompression bomb check (or warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return height, width
+
+
+def decode_reduced(data: bytes, reduction: int = 1) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decode image bytes at ``1 / reduction`` scale (one of :data:`JPEG_REDUCTIONS`):
+    ``(uint8 [h, w, 3] RGB, scale)``, ``scale`` the ``(x, y)`` full-resolution pixels per
+    decoded pixel.
+
+    JPEGs are scaled inside libjpeg (the full-resolution pixels are never held; decoded pixel
+    ``i`` covers full pixels ``[k i, k (i + 1))``, so ``scale`` is exactly ``k``); other formats
+    are decoded fully, then area-averaged. None when the bytes are no image.
+    """
+    if reduction not in _REDUCED_FLAGS:
+        raise ValueError(f"reduction must be one of {JPEG_REDUCTIONS}, got {reduction}")
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS[reduction] if is_jpeg else cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
+    if bgr is None:
+        return None
+    scale = np.array([float(reduction), float(reduction)]) if is_jpeg else np.ones(2)
+    if not is_jpeg and reduction > 1:
+        height, width = bgr.shape[:2]
+        size = (max(1, round(width / reduction)), max(1, round(height / reduction)))
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        scale = np.array([width / size[0], height / size[1]])
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr), scale
+
+
+def reduction_for(height: int, width: int, max_side: int = MAX_SIDE) -> int:
+    """Smallest :data:`JPEG_REDUCTIONS` factor bringing the long side to ``max_side`` or less
+    (the largest when none does)."""
+    for reduction in JPEG_REDUCTIONS:
+        if -(-max(height, width) // reduction) <= max_side:
+            return reduction
+    return JPEG_REDUCTIONS[-1]
+
+
+def read_image_scaled(
+    path: str | os.PathLike, max_side: int | None = MAX_SIDE, *, reduction: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image file reduced so its long side is at most ``max_side``: ``(uint8 RGB,
+    scale)``, ``scale`` the ``(x, y)`` full-resolution pixels per returned pixel (``[1, 1]``
+    when the image is read as it is, bit-identical to :func:`read_image`).
+
+    The size comes from the header; a JPEG is decoded at 1/2, 1/4 or 1/8 inside libjpeg, and
+    an image still larger than ``max_side`` is area-downscaled right after decoding.
+    ``reduction`` forces a libjpeg factor instead (e.g. a finer decode of a small face).
+    ``max_side=None`` reads at full resolution. One-line :class:`DataError` as
+    :func:`read_image`, also when the pixels do not fit in memory.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise DataError(f"cannot read image {path}: file too large for memory") from None
+    size = encoded_size(data)
+    if reduction is None:
+        reduction = reduction_for(*size, max_side) if (size is not None and max_side is not None) else 1
+    try:
+        decoded = decode_reduced(data, reduction)
+        del data
+        if decoded is None:
+            raise DataError(f"cannot decode image {path}: not an image file or corrupt")
+        image, scale = decoded
+        height, width = image.shape[:2]
+        if max_side is not None and max(height, width) > max_side:
+            factor = max_side / max(height, width)
+            shape = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image = cv2.resize(image, shape, interpolation=cv2.INTER_AREA)
+            scale = scale * np.array([width / shape[0], height / shape[1]])
+    except (MemoryError, cv2.error) as exc:
+        raise DataError(f"cannot decode image {path}: too large to decode ({type(exc).__name__})") from None
+    return image, scale
 
 
 def unreadable_reason(source: Path | bytes) -> str | None:

@@ -5,7 +5,8 @@ import argparse
 
 from ..cli import emit
 from ..demo import DEFAULT_PAIR
-from ..options import add_checkpoint_pair, add_image_source, add_output, add_top_k, checkpoint_pair, image_source, load_models
+from ..errors import MoescopeError
+from ..options import add_alignment_options, add_checkpoint_pair, add_image_source, add_output, add_top_k, checkpoint_pair, image_source, load_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per HSIC batch (>= 4); default 16")
     p.add_argument("--last-batch", choices=("fold", "drop"), default="fold",
                    help="a last batch of 1-3 images is folded into the previous one (default) or dropped")
+    add_alignment_options(p)
     add_top_k(p)
     add_output(p, seed=False)
     p.set_defaults(run=run)
@@ -32,12 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runners.drift import analyse_drift
 
+    from ..stats.cka import MIN_BATCH
+
+    if args.batch_size < MIN_BATCH:
+        raise MoescopeError(f"--batch-size must be >= {MIN_BATCH} for CKA (unbiased HSIC), got {args.batch_size}")
     specs = checkpoint_pair(args)
+    paths, data = image_source(args)  # before any model is loaded: a bad --data fails at once
     models = load_models(specs, args)
-    paths, data = image_source(args)
     result = analyse_drift(
         *models, specs, paths, features=args.features, batch_size=args.batch_size, last_batch=args.last_batch,
-        progress=not args.json, data=data,
+        progress=not args.json, data=data, align=args.align, save_aligned=args.save_aligned,
     )
     emit(result, args, render)
     return 0

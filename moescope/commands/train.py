@@ -22,7 +22,7 @@ from ..options import add_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from facemoe_model.train import TrainConfig
+    from facemoe_model.train_config import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     val.add_argument("--val-every", type=int, default=1, metavar="N", help="validate every N epochs (always after the last; default 1)")
     val.add_argument("--half", action="store_true", help="store model.pt in float16 (final figures measured on those weights)")
     add_output(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, out_replace=False)  # --out is the run folder: files are added to it, never replaced as a whole
 
 
 def _range(text: str, option: str) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from facemoe_model.protocols import Degradation, EvaluationData
 
+from ..distributed import is_main
 from ..forward import evaluate_model
 from ..interventions import BASELINE, Intervention
 from ..results import AnalysisResult
@@ -61,7 +62,7 @@ def ablate_experts(
     runs: list[Intervention | None] = [None, *interventions]
     rows, metrics, usage, warnings = [], [], [], []
     baseline: dict = {}
-    for intervention in tqdm(runs, desc="interventions", unit="eval", disable=not progress):
+    for intervention in tqdm(runs, desc="interventions", unit="eval", disable=not (progress and is_main())):
         name = BASELINE if intervention is None else intervention.name
         scope = contextlib.nullcontext(chosen) if intervention is None else intervention.apply(model, layers)
         with scope as affected:

@@ -26,8 +26,9 @@ from torch import nn
 
 from facemoe_model import moe_layers
 
+from .. import distributed
 from ..errors import CheckpointError, DataError, MoescopeError
-from ..faces import ImageStats, image_batches
+from ..faces import FaceStats, alignment_preparation, image_batches
 from ..features import drift_layers
 from ..forward import forward_passes
 from ..plotting import cka_by_depth
@@ -89,6 +90,8 @@ def analyse_drift(
     last_batch: str = "fold",
     progress: bool = True,
     data: str = "",
+    align: str = "none",
+    save_aligned: str | None = None,
 ) -> AnalysisResult:
     """Representational and parameter drift from ``before`` to ``after`` (B.12 / B.13 / B.14).
 
@@ -102,6 +105,9 @@ def analyse_drift(
         last_batch: a last batch of 1-3 images is ``fold`` ed into the previous one or ``drop`` ped.
         progress: show a progress bar.
         data: how the images were given (recorded in the settings).
+        align / save_aligned: face alignment of :func:`moescope.faces.alignment_preparation`
+            (images without an accepted face are skipped and counted; ``none``, the default
+            here, runs no detection; ``moescope cka`` passes ``--align``, default ``auto``).
 
     Returns an ``AnalysisResult`` with tables ``cka``, ``lowest_cka``, ``expert_shift``,
     ``expert_shift_total``, ``routing_agreement`` and the figure ``cka_by_depth``.
@@ -115,13 +121,17 @@ def analyse_drift(
     names = drift_layers(before)
     moe_names = list(moe_layers(before))
     groups, batch_note = plan_batches(len(paths), batch_size, last_batch)
+    mine, groups = distributed.shard_groups(paths, groups)  # torchrun: this rank's whole batches
+    progress = progress and distributed.is_main()
     cka = StreamingCKA(features)
     agreement = RoutingAgreement()
-    stats = ImageStats()
+    stats = FaceStats()
     models = (before, after)
-    batches = image_batches(paths, before.img_size, groups, min_images=MIN_BATCH, stats=stats)
-    with tqdm(total=len(paths), desc="cka", unit="img", disable=not progress) as bar, contextlib.closing(
-        forward_passes(models, batches, features=names, feature_mode=features)
+    prepare = alignment_preparation(before.img_size, align=align, stats=stats, workers=None, progress=progress,
+                                    save_aligned=save_aligned, save_root=None)
+    batches = image_batches(mine, before.img_size, groups, min_images=MIN_BATCH, prepare=prepare, stats=stats)
+    with tqdm(total=len(mine), desc="cka", unit="img", disable=not progress) as bar, contextlib.closing(
+        forward_passes(models, batches, features=names, feature_mode=features, prefetch=2)
     ) as steps:
         for step in steps:
             a, b = step.passes
@@ -129,8 +139,13 @@ def analyse_drift(
                 cka.update(name, a.features[name], b.features[name])
             agreement.update(a.routing, b.routing)
             bar.update(step.batch.files)
+    distributed.reduce_cka(cka)
+    distributed.reduce_agreement(agreement)
+    distributed.reduce_stats(stats)
     if stats.analysed == 0:
-        raise DataError(f"no batch of at least {MIN_BATCH} readable images among {len(paths)} files ({len(stats.unreadable)} unreadable)")
+        raise DataError(f"no batch of at least {MIN_BATCH} readable images among {len(paths)} files ({len(stats.unreadable)} unreadable"
+                        + (f", {len(stats.no_face)} without a face, {len(stats.rejected_images)} rejected by the quality gate; --align none keeps them"
+                           if stats.no_face or stats.rejected_images else "") + ")")
 
     table = cka.to_frame()
     table.insert(1, "depth", range(len(table)))
@@ -148,7 +163,9 @@ def analyse_drift(
         "images_found": len(paths),
         "images_analysed": stats.analysed,
         "images_unreadable": len(stats.unreadable),
-        "images_dropped": len(paths) - stats.analysed - len(stats.unreadable),
+        "images_dropped": len(paths) - stats.analysed - len(stats.unreadable) - len(stats.no_face) - len(stats.rejected_images),
+        "images_no_face": len(stats.no_face),
+        **stats.alignment_summary(),
         "batches": int(table["batches"].iloc[0]),
         "layers": len(table),
         "moe_layers": len(moe_names),

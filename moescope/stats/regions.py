@@ -9,7 +9,10 @@ per-image totals for the bootstrap), so 10,000+ images need little memory. The t
   group and region), 95% bootstrap interval over images, token mass;
 * :func:`paper_table` — the paper's layout: one row per region, ``Expert i`` columns, dominant;
 * :meth:`RegionRoutingCounts.specialisation` — NMI and per-region entropy
-  (:mod:`moescope.stats.specialisation`);
+  (:mod:`moescope.stats.specialisation`); :meth:`~RegionRoutingCounts.layer_specialisation` —
+  NMI of every MoE layer apart (expert ``e`` of one layer is not expert ``e`` of another, so
+  pooled tables mix unrelated experts); :meth:`~RegionRoutingCounts.region_tokens` — tokens
+  per layer and region;
 * :func:`compare_tables` — two tidy tables side by side with their difference.
 
 Groups (``by``): ``all`` pools every (layer, token) routing decision of all MoE layers —
@@ -28,7 +31,7 @@ import pandas as pd
 
 from facemoe_model.geometry import REGIONS
 
-from .specialisation import specialisation_table
+from .specialisation import mutual_information, specialisation_table
 
 if TYPE_CHECKING:
     from ..trace import LayerRouting
@@ -77,6 +80,8 @@ class RegionRoutingCounts:
     rank_counts: np.ndarray | None = field(init=False, default=None)
     per_image: list[np.ndarray] = field(init=False, default_factory=list)
     images: int = field(init=False, default=0)
+    layer_counts: np.ndarray = field(init=False)
+    """``[L, R, E]``: the counts of every MoE layer apart (whatever ``by``), for the per-layer view."""
 
     def __post_init__(self) -> None:
         if self.count not in COUNT_MODES:
@@ -84,6 +89,8 @@ class RegionRoutingCounts:
         self.groups = list(dict.fromkeys(layer_group(l, self.by) for l in self.layers))
         self._group_of = {l: self.groups.index(layer_group(l, self.by)) for l in self.layers}
         self.counts = np.zeros((len(self.groups), len(self.regions), self.num_experts))
+        self.layer_counts = np.zeros((len(self.layers), len(self.regions), self.num_experts))
+        self._layer_index = {l: i for i, l in enumerate(self.layers)}
 
     def update(self, routing: Mapping[str, "LayerRouting"], fractions: Mapping[tuple[int, int], np.ndarray]) -> None:
         """Add one batch.
@@ -105,7 +112,9 @@ class RegionRoutingCounts:
                 if self.rank_counts is None:
                     self.rank_counts = np.zeros((len(self.groups), len(self.regions), self.num_experts, r.k))
             g = self._group_of[layer]
-            batch[:, g] += np.einsum("brn,bne->bre", frac, r.contributions(self.count))
+            joint = np.einsum("brn,bne->bre", frac, r.contributions(self.count))
+            batch[:, g] += joint
+            self.layer_counts[self._layer_index[layer]] += joint.sum(0)
             for rank in range(min(r.k, self.rank_counts.shape[-1])):
                 onehot = np.zeros(r.probs.shape)
                 np.put_along_axis(onehot, r.topk[..., rank : rank + 1], 1.0, axis=-1)
@@ -169,13 +178,45 @@ class RegionRoutingCounts:
         ]
         return pd.DataFrame(rows)
 
+    def region_tokens(self) -> pd.DataFrame:
+        """Tokens per MoE layer and region: ``layer, region, tokens`` (token mass: a token split
+        across regions counts by area) and ``percent`` of the layer's tokens."""
+        tokens = self.layer_counts.sum(-1)  # every token contributes 1 under each counting convention
+        share = _percent(tokens)
+        return pd.DataFrame(
+            [{"layer": layer, "region": region, "tokens": tokens[l, r], "percent": share[l, r]}
+             for l, layer in enumerate(self.layers) for r, region in enumerate(self.regions)],
+            columns=["layer", "region", "tokens", "percent"],
+        )
+
+    def face_token_share(self) -> float:
+        """Share of all layers' token mass that is not ``hair_background`` (NaN without tokens)."""
+        tokens = self.layer_counts.sum(axis=(0, 2))
+        total = tokens.sum()
+        face = total - (tokens[self.regions.index("hair_background")] if "hair_background" in self.regions else 0.0)
+        return float(face / total) if total > 0 else float("nan")
+
+    def layer_specialisation(self) -> pd.DataFrame:
+        """Per MoE layer: ``layer, tokens, nmi, mutual_information_bits`` (layers without tokens: NaN)."""
+        rows = []
+        for l, layer in enumerate(self.layers):
+            joint = self.layer_counts[l]
+            mi, nmi = mutual_information(joint) if joint.sum() > 0 else (float("nan"), float("nan"))
+            rows.append({"layer": layer, "tokens": float(joint.sum()), "nmi": nmi, "mutual_information_bits": mi})
+        return pd.DataFrame(rows, columns=["layer", "tokens", "nmi", "mutual_information_bits"])
+
+    def group_layers(self) -> dict[str, list[str]]:
+        """The MoE layers pooled into each group."""
+        return {group: [l for l in self.layers if self.groups[self._group_of[l]] == group] for group in self.groups}
+
     def specialisation(self) -> pd.DataFrame:
         """Per group: NMI(region; expert) and per-region expert entropy (:func:`~moescope.stats.specialisation.specialisation_table`)."""
         return specialisation_table(self.counts, self.groups, self.regions)
 
 
 def paper_table(tidy: pd.DataFrame) -> pd.DataFrame:
-    """The paper's layout, per group: region, ``Expert i`` (%) with its interval, dominant expert.
+    """The paper's layout, per group: region, ``Expert i`` (%) with its interval, dominant expert
+    and ``Tokens`` (the region's token mass in the group: how much evidence the row has).
 
     Regions without any token keep NaN and no dominant expert.
     """
@@ -193,6 +234,8 @@ def paper_table(tidy: pd.DataFrame) -> pd.DataFrame:
         out["Dominant Expert"] = [
             f"Expert {experts[int(np.nanargmax(row))]}" if np.isfinite(row).any() else "" for row in values
         ]
+        if "token_mass" in sub:
+            out["Tokens"] = sub.groupby("region", sort=False)["token_mass"].first().reindex(wide.index).to_numpy()
         tables.append(out)
     return pd.concat(tables, ignore_index=True)
 
