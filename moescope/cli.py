@@ -31,7 +31,12 @@ def one_line(text: object) -> str:
 
 
 def emit(result, args: argparse.Namespace, render) -> None:
-    """Show an AnalysisResult: files (``--out``, written first), human text (``render(result) -> str``), JSON."""
+    """Show an AnalysisResult: files (``--out``, written first), human text (``render(result) -> str``), JSON.
+    Under ``torchrun`` only rank 0 shows and writes (:func:`moescope.distributed.is_main`)."""
+    from .distributed import is_main
+
+    if not is_main():
+        return
     top_k = getattr(args, "loaded_top_k", None)
     if top_k is not None:
         result.settings.setdefault("top_k", top_k)

@@ -447,7 +447,8 @@ def region_preparation(
             else:
                 view, landmarks = prep.image, prep.landmarks
             h, w = view.shape[:2]
-            fractions = {g: _fractions(region_masks(landmarks, h, w), g, input_size, assign) for g in grids}
+            masks = region_masks(landmarks, h, w)
+            fractions = {g: _fractions(masks, g, input_size, assign) for g in grids}
             if prep.outcome in ("canonical", "unaligned") and grids:
                 if 1.0 - float(fractions[grids[0]][background].mean()) < FACE_SHARE_WARNING:
                     stats.low_face_share.append(image_id)

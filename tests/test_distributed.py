@@ -54,6 +54,9 @@ def test_option_vocabularies_agree_with_the_modules_using_them():
 
     assert choices.REGION_SOURCES == faces.REGION_SOURCES and choices.ASSIGN_MODES == faces.ASSIGN_MODES
     assert choices.COUNT_MODES == regions.COUNT_MODES and choices.GROUPINGS == regions.GROUPINGS
+    from moescope.runners import maps
+
+    assert choices.MAP_KINDS == maps.KINDS
 
 
 # --- prefetching ---------------------------------------------------------------------------------
@@ -141,8 +144,8 @@ def _torchrun(argv: list[str], tmp_path: Path, nproc: int = 2) -> list[str]:
     "argv",
     [
         ["cka", "--batch-size", "16"],
-        ["eval"],
-        ["ablate", "--drop", "0", "--switch"],
+        ["eval", "--batch-size", "16"],  # several batches per data set, so both ranks embed some
+        ["ablate", "--drop", "0", "--switch", "--batch-size", "16"],
         ["regions", "--bootstrap", "200", "--null", "20"],
     ],
     ids=["cka", "eval", "ablate", "regions"],

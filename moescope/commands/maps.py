@@ -26,7 +26,7 @@ DEFAULT_IMAGES = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..runners.maps import KINDS
+    from ..choices import MAP_KINDS as KINDS
 
     p = sub.add_parser(
         "maps",

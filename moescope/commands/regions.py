@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--null", type=int, default=200, metavar="N",
                    help="permutation null of every NMI: N resamples shuffling region fractions across tokens within each "
                    "image (seeded by --seed; 0 = off); default 200")
-    p.add_argument("--null-images", type=int, default=1000, metavar="M",
-                   help="draw the null on at most M images (seeded subsample; default 1000)")
+    p.add_argument("--null-images", type=int, default=200, metavar="M",
+                   help="draw the null on at most M images (seeded subsample; default 200)")
     p.add_argument("--baseline", choices=["init"],
                    help="also analyse a freshly initialised network of the same architecture (weights seeded by --seed)")
     p.add_argument("--export-tokens", metavar="FILE", help="also write every token's routing to FILE (.parquet or .csv); memory grows with images")

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", action="append", metavar="KEYS", help="run only these sections, comma-separated keys (see above)")
     p.add_argument("--full", action="store_true", help="the commands' own defaults instead of the report's lighter settings")
     p.add_argument("--title", default="moescope report", help="page title")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, out_replace=False)  # --out holds report.html/json and one folder per analysis, each replaced as a whole
 
 
 def run(args: argparse.Namespace) -> int:

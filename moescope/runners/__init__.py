@@ -7,4 +7,7 @@
 - :mod:`.evaluation` verification / identification accuracy — ``moescope eval``
 - :mod:`.info`       what a checkpoint holds, the registered models — ``moescope info`` / ``models``
 - :mod:`.train`      the result of a training run — ``moescope train``
+- :mod:`.maps`       per-expert activation maps (paper D / E) — ``moescope maps``
+- :mod:`.stability`  routing stability under attacks / degradations (B.16 / B.10 / B.3) — ``moescope attack`` / ``degrade``
+- :mod:`.report`     the one-page report of the whole study — ``moescope report``
 """

@@ -105,12 +105,14 @@ def ablate_experts(
             "usage": "share (%) of token-expert assignments per expert over the chosen MoE layers and every "
             "forward pass of the evaluation (images and mirror images); grid tokens",
             **(settings or {}),
+            **({"protocol": {k: v for k, v in data.protocol.items() if k not in ("images", "pairs")}} if data.protocol else {}),
         },
         tables={
             "ablation": pd.DataFrame(rows),
             "metrics": pd.DataFrame(metrics),
             "expert_usage": pd.concat(usage, ignore_index=True)[["intervention", "layer", "expert", "assignments", "percent"]],
         },
-        summary={"images": data.images, "experts": num_experts, "moe_layers": len(chosen), "interventions": len(interventions), **baseline},
-        warnings=[w for w in (s.skip_summary for s in sets) if w] + warnings,
+        summary={"images": data.images, "experts": num_experts, "moe_layers": len(chosen), "interventions": len(interventions), **baseline,
+                 **({"alignment": data.preparation["alignment"]} if data.preparation and "alignment" in data.preparation else {})},
+        warnings=[w for w in (s.skip_summary for s in sets) if w] + list(data.notes) + warnings,
     )

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import MoescopeError
 from ..faces import FaceStats, face_batches
 from ..forward import forward_passes
@@ -83,7 +84,7 @@ def analyse_regions(
     align: str = "auto",
     save_aligned: str | None = None,
     null: int = 200,
-    null_images: int = 1000,
+    null_images: int = 200,
     baseline: nn.Module | None = None,
 ) -> AnalysisResult:
     """Region routing tables (B.1/B.2) for one model, or two side by side (B.2 vs B.1).
@@ -119,17 +120,22 @@ def analyse_regions(
     token_frames = []
     stats = FaceStats()
     grids = [l.token_grid for l in chosen[0].values()]
-    batches = face_batches(
-        paths, grids, sizes.pop(), batch_size=batch_size, region_source=region_source,
-        assign=assign, stats=stats, workers=workers, progress=progress, align=align, save_aligned=save_aligned,
+    batches = face_batches(  # torchrun: this rank's contiguous share, cut at batch boundaries
+        distributed.shard(paths, batch_size), grids, sizes.pop(), batch_size=batch_size, region_source=region_source,
+        assign=assign, stats=stats, workers=workers, progress=progress and distributed.is_main(), align=align, save_aligned=save_aligned,
     )
-    for step in forward_passes(models, batches, layers=names):
+    for step in forward_passes(models, batches, layers=names, prefetch=2):
         for label, model_pass in zip(all_labels, step.passes):
             counters[label].update(model_pass.routing, step.batch.fractions)
             if null > 0:
                 nulls[label].update(model_pass.routing, step.batch.fractions)
             if export_tokens:
                 token_frames.append(token_frame(model_pass.routing, step.batch.ids).assign(checkpoint=label))
+    for label in all_labels:  # torchrun: sum the ranks' counts, gather per-image vectors in image order
+        distributed.reduce_region_counts(counters[label])
+        if null > 0:
+            distributed.reduce_null(nulls[label])
+    distributed.reduce_stats(stats)
     if stats.analysed == 0:
         raise MoescopeError(
             f"no image could be analysed: {stats.found} found, {len(stats.no_face)} without a face, "
@@ -147,9 +153,10 @@ def analyse_regions(
     if len(labels) == 2:
         tables["delta"] = compare_tables(tidy[labels[0]], tidy[labels[1]], (labels[0], labels[1]))
     if export_tokens:
-        frame = pd.concat(token_frames, ignore_index=True)
+        frame = pd.concat([f for part in distributed.gather(token_frames) for f in part], ignore_index=True)
         writer = frame.to_parquet if str(export_tokens).endswith(".parquet") else (lambda p: frame.to_csv(p, index=False))
-        atomic_path(Path(export_tokens), lambda tmp: writer(tmp))
+        if distributed.is_main():
+            atomic_path(Path(export_tokens), lambda tmp: writer(tmp))
     summary = {**stats.summary(region_source), "num_experts": num_experts, "moe_layers": len(names)}
     for label, spec_table in tables["specialisation"].groupby("checkpoint", sort=False):
         nmi = spec_table[(spec_table["metric"] == "nmi")]

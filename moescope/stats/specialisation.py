@@ -135,12 +135,13 @@ class PermutationNull:
                 continue
             for layer in present:
                 frac, contrib = per_layer[layer]
+                # copies: a view of one image would keep its whole batch's arrays alive (memory grew with images)
                 if slot == len(self._fractions[layer]):
-                    self._fractions[layer].append(frac[b])
-                    self._contributions[layer].append(contrib[b])
+                    self._fractions[layer].append(frac[b].copy())
+                    self._contributions[layer].append(contrib[b].copy())
                 else:
-                    self._fractions[layer][slot] = frac[b]
-                    self._contributions[layer][slot] = contrib[b]
+                    self._fractions[layer][slot] = frac[b].copy()
+                    self._contributions[layer][slot] = contrib[b].copy()
 
     def joints(self) -> tuple[np.ndarray, np.ndarray]:
         """``(observed [L, R, E], null [S, L, R, E])`` joint tables of the kept images."""
@@ -155,12 +156,13 @@ class PermutationNull:
             contrib = np.stack(self._contributions[layer]).astype(np.float64)  # [M, N, E]
             M, N, _ = frac.shape
             flat = frac.reshape(M * N, -1).T  # [R, M*N]
-            observed[l] = flat @ contrib.reshape(M * N, -1)
+            tokens = contrib.reshape(M * N, -1)  # [M*N, E]
+            observed[l] = flat @ tokens
             order = np.broadcast_to(np.arange(N), (M, N))
+            offsets = (np.arange(M) * N)[:, None]
             for s in range(S):
-                perm = rng.permuted(order, axis=1)
-                shuffled = np.take_along_axis(contrib, perm[..., None], axis=1)
-                null[s, l] = flat @ shuffled.reshape(M * N, -1)
+                perm = rng.permuted(order, axis=1)  # gathering flat rows is ~3x faster than take_along_axis, same values
+                null[s, l] = flat @ np.take(tokens, (perm + offsets).ravel(), axis=0)
         return observed, null
 
     def table(self, groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
