@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 import tempfile
 import warnings
 import zipfile
@@ -140,6 +141,12 @@ class _Detector:
                 model_selection=DETECTION_SETTINGS["score_model"],
                 min_detection_confidence=DETECTION_SETTINGS["min_score_reported"],
             )
+            # Start both graphs here, silenced: their native threads log start-up notices
+            # (TFLite delegate, absl feedback manager) on the first frame, asynchronously.
+            blank = np.zeros((64, 64, 3), np.uint8)
+            self.mesh.process(blank)
+            self.scorer.process(blank)
+            time.sleep(0.05)
 
     def __enter__(self) -> "_Detector":
         return self
@@ -203,6 +210,10 @@ _worker_detector: Any = None
 
 def _init_worker() -> None:
     global _worker_detector
+    # A worker's fd 2 goes to /dev/null for good: mediapipe's native threads log asynchronously
+    # (absl/TFLite notices) after any scoped silencing ends; errors still reach the parent as exceptions.
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
     _worker_detector = _create_face_mesh()
 
 
