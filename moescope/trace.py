@@ -16,7 +16,7 @@ combine weights, router probabilities and the token's (row, col) on the layer's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from facemoe_model.moe import MoELayer, RouterOutput, select_moe_layers, uniform
 
 from .errors import MoescopeError
 
-__all__ = ["LayerRouting", "RoutingTrace", "token_frame", "select_layers", "expert_count"]
+__all__ = ["LayerRouting", "RoutingTrace", "token_frame", "select_layers", "expert_count", "compatible_layers"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,23 @@ def expert_count(layers: Mapping[str, MoELayer]) -> int:
         return uniform_num_experts(layers)
     except ValueError as exc:
         raise MoescopeError(f"{exc}; choose layers with --layers") from None
+
+
+def compatible_layers(models: Sequence[nn.Module], labels: Sequence[str], layers: Iterable[str] | None = None
+                      ) -> tuple[dict[str, MoELayer], int, int]:
+    """The chosen MoE layers of ``models[0]``, their shared expert count and the shared input size;
+    models compared side by side (``--compare``, ``--baseline``) must agree on all three (one-line
+    MoescopeError naming the first that differs, by its label)."""
+    chosen = [select_layers(m, layers) for m in models]
+    names = list(chosen[0])
+    num_experts = expert_count(chosen[0])
+    for label, other in zip(labels[1:], chosen[1:]):
+        if list(other) != names or any(layer.num_experts != num_experts for layer in other.values()):
+            raise MoescopeError(f"--compare needs the same MoE layers and expert counts: {labels[0]} and {label} differ")
+    sizes = {m.img_size for m in models}
+    if len(sizes) != 1:
+        raise MoescopeError(f"--compare needs the same input size, got {sorted(sizes)}")
+    return chosen[0], num_experts, sizes.pop()
 
 
 class RoutingTrace(HookSet):

@@ -62,14 +62,19 @@ def test_switch_aux_loss_matches_formula():
     torch.testing.assert_close(layer.aux_loss, expected)
 
 
-def _routes(layer, x):
+def _observe(point, layer, x):
+    """The layer's output and what its hook point ``point`` received during one forward pass."""
     seen = []
-    handle = layer.hook_routing.register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = point.register_forward_hook(lambda m, i, o: seen.append(o))
     try:
         out = layer(x)
     finally:
         handle.remove()
     return out, seen[0]
+
+
+def _routes(layer, x):
+    return _observe(layer.hook_routing, layer, x)
 
 
 def test_hook_sees_what_layer_computed():
@@ -271,13 +276,7 @@ def test_random_routing_differs_between_layers_and_restores_exactly():
 
 
 def _expert_outputs(layer, x):
-    seen = []
-    handle = layer.hook_expert_outputs.register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        out = layer(x)
-    finally:
-        handle.remove()
-    return out, seen[0]
+    return _observe(layer.hook_expert_outputs, layer, x)
 
 
 def test_expert_outputs_hook_k1_norms_add_up_and_unused_experts_are_zero():

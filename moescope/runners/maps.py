@@ -49,7 +49,7 @@ from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
 from ..stats.maps import compare_cases, concentration_table, group_maps, region_mass_table, routing_maps, shared_scale, token_maps, upsample
-from ..trace import expert_count, select_layers
+from ..trace import compatible_layers
 from .regions import checkpoint_labels
 
 __all__ = ["KINDS", "MapsResult", "ExpertOutputNorms", "analyse_maps", "map_passes", "select_paths"]
@@ -256,19 +256,6 @@ def _evaluation_cases(models, split, *, batch_size: int, flip: bool, probe_trans
 
 
 # -- the analysis ---------------------------------------------------------------------------------
-def _check_models(models, labels, layers):
-    chosen = [select_layers(m, layers) for m in models]
-    names = list(chosen[0])
-    num_experts = expert_count(chosen[0])
-    for label, other in zip(labels[1:], chosen[1:]):
-        if list(other) != names or any(layer.num_experts != num_experts for layer in other.values()):
-            raise MoescopeError(f"--compare needs the same MoE layers and expert counts: {labels[0]} and {label} differ")
-    sizes = {m.img_size for m in models}
-    if len(sizes) != 1:
-        raise MoescopeError(f"--compare needs the same input size, got {sorted(sizes)}")
-    return chosen[0], names, num_experts, sizes.pop()
-
-
 def map_passes(
     models: Sequence[nn.Module], batches, kinds: Sequence[str], layers: Sequence[str] | None = None
 ):
@@ -351,7 +338,8 @@ def analyse_maps(
     if by not in ("layer", "stage"):
         raise MoescopeError(f"unknown grouping {by!r}; use layer or stage")
     labels = checkpoint_labels(specs)
-    chosen, names, num_experts, size = _check_models(models, labels, layers)
+    chosen, num_experts, size = compatible_layers(models, labels, layers)
+    names = list(chosen)
     grids = [layer.token_grid for layer in chosen.values()]
     gradient = kind in ("gradcam", "input")
     planned = ["input"] if kind == "input" else list(dict.fromkeys(layer_group(n, by) for n in names))

@@ -23,7 +23,7 @@ from ..plotting import region_routing_heatmap
 from ..results import AnalysisResult, atomic_path
 from ..stats.regions import RegionRoutingCounts, compare_tables, paper_table
 from ..stats.specialisation import PermutationNull
-from ..trace import expert_count, select_layers, token_frame
+from ..trace import compatible_layers, token_frame
 
 __all__ = ["BASELINE_LABEL", "NULL_SHUFFLE", "analyse_regions", "checkpoint_labels", "init_baseline"]
 
@@ -105,23 +105,16 @@ def analyse_regions(
     if baseline is not None:
         models, specs = [*models, baseline], [*specs, baseline_label]
     all_labels = labels + ([baseline_label] if baseline is not None else [])
-    chosen = [select_layers(m, layers) for m in models]
-    names = list(chosen[0])
-    num_experts = expert_count(chosen[0])
-    for label, other in zip(all_labels[1:], chosen[1:]):
-        if list(other) != names or any(layer.num_experts != num_experts for layer in other.values()):
-            raise MoescopeError(f"--compare needs the same MoE layers and expert counts: {labels[0]} and {label} differ")
-    sizes = {m.img_size for m in models}
-    if len(sizes) != 1:
-        raise MoescopeError(f"--compare needs the same input size, got {sorted(sizes)}")
+    first, num_experts, input_size = compatible_layers(models, all_labels, layers)
+    names = list(first)
     counters = {label: RegionRoutingCounts(names, num_experts, count=count, by=by) for label in all_labels}
     nulls = {label: PermutationNull(names, num_experts, len(counters[label].regions), resamples=max(null, 0),
                                     max_images=null_images, seed=seed, count=count) for label in all_labels}
     token_frames = []
     stats = FaceStats()
-    grids = [l.token_grid for l in chosen[0].values()]
+    grids = [l.token_grid for l in first.values()]
     batches = face_batches(  # torchrun: this rank's contiguous share, cut at batch boundaries
-        distributed.shard(paths, batch_size), grids, sizes.pop(), batch_size=batch_size, region_source=region_source,
+        distributed.shard(paths, batch_size), grids, input_size, batch_size=batch_size, region_source=region_source,
         assign=assign, stats=stats, workers=workers, progress=progress and distributed.is_main(), align=align, save_aligned=save_aligned,
     )
     for step in forward_passes(models, batches, layers=names, prefetch=2):
