@@ -139,20 +139,20 @@ def alignment_points(landmarks: np.ndarray) -> np.ndarray:
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``[2, 3]`` least-squares similarity (rotation, uniform scale, translation; no reflection)
-    mapping ``source`` ``[N, 2]`` points onto ``target`` (Umeyama 1991)."""
+    mapping ``source`` ``[N, 2]`` points onto ``target`` (Umeyama 1991; in 2-D its closed form:
+    with the centred points as complex numbers, scale x rotation is ``sum(conj(s) d) / sum |s|^2``)."""
     source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
     if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2 or len(source) < 2:
         raise ValueError(f"need two matching [N >= 2, 2] point sets, got {list(source.shape)} and {list(target.shape)}")
     source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
     src, dst = source - source_mean, target - target_mean
-    variance = (src**2).sum() / len(src)
+    variance = float((src**2).sum())
     if variance <= 0:
         raise ValueError("source points coincide: no similarity transform")
-    u, singular, vt = np.linalg.svd(dst.T @ src / len(src))
-    sign = np.diag([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
-    rotation = u @ sign @ vt
-    scale = float(np.trace(np.diag(singular) @ sign)) / variance
-    return np.hstack([scale * rotation, (target_mean - scale * rotation @ source_mean)[:, None]])
+    a = float((src * dst).sum()) / variance  # real part: scale * cos
+    b = float((src[:, 0] * dst[:, 1] - src[:, 1] * dst[:, 0]).sum()) / variance  # imaginary part: scale * sin
+    linear = np.array([[a, -b], [b, a]])
+    return np.hstack([linear, (target_mean - linear @ source_mean)[:, None]])
 
 
 def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

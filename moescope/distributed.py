@@ -1,14 +1,17 @@
 """Analyses under ``torchrun``: sharding the images over ranks and summing what they counted.
 
-``torchrun --nproc_per_node=N -m moescope regions|cka|ablate|eval ...`` runs the command
-unchanged in N processes (gloo on CPU; NCCL on GPU, one GPU per rank: ``LOCAL_RANK``). Each
-rank analyses a contiguous share of the images (:func:`shard`, cut at batch boundaries so
+``torchrun --nproc_per_node=N -m moescope regions|cka|ablate|eval|maps|attack|degrade ...``
+runs the command unchanged in N processes (gloo on CPU; NCCL on GPU, one GPU per rank:
+``LOCAL_RANK``). Each rank analyses a contiguous share of the images (:func:`shard`, cut at batch boundaries so
 every batch holds the images one process would put in it); the streaming accumulators are
 summed over the ranks at the end (:func:`reduce_region_counts`, :func:`reduce_cka`,
 :func:`reduce_agreement`, :func:`reduce_usage`, :func:`reduce_stats` ...; per-image vectors,
 e.g. the bootstrap's, are gathered in rank order, i.e. in image order) and every rank builds
 the same result; rank 0 alone prints and writes it (:func:`is_main`). The result equals the
 single-process run: integer counts exactly, floating sums up to the order of addition.
+Seeded draws (bootstrap over images, attack random starts, noise, sampled images) depend on
+the global image index or id, never on a rank's position. ``bench`` measures on rank 0 alone
+(the other ranks return at once: a benchmark times one device).
 
 Without ``torchrun`` every function here is the identity on a world of one process. The
 module imports nothing heavy at import time (the CLI asks :func:`is_main` before printing).
@@ -164,26 +167,15 @@ def reduce_region_counts(counts) -> None:
 
 
 def reduce_null(null) -> None:
-    """Gather :class:`~moescope.stats.specialisation.PermutationNull` reservoirs in rank (image) order.
-
-    With at most ``max_images`` images analysed in all this is exactly the single-process
-    reservoir (every image is kept, in order); past it each rank's seeded reservoir is pooled
-    and cut to ``max_images`` with the null's seed (a uniform subsample, not the same images
-    one process would keep)."""
+    """Sum :class:`~moescope.stats.specialisation.PermutationNull` tables and image counts over
+    the ranks, in place (each image's draws are seeded by its id, so this is the single-process null)."""
     if world_size() == 1:
         return
     import numpy as np
 
-    pieces = gather((null._fractions, null._contributions, null.seen))
-    null.seen = int(sum(p[2] for p in pieces))
-    fractions = {layer: [a for p in pieces for a in p[0][layer]] for layer in null.layers}
-    contributions = {layer: [a for p in pieces for a in p[1][layer]] for layer in null.layers}
-    kept = len(fractions[null.layers[0]]) if null.layers else 0
-    if kept > null.max_images:
-        pick = np.sort(np.random.default_rng([null.seed, 0xD157]).choice(kept, null.max_images, replace=False))
-        fractions = {layer: [v[i] for i in pick] for layer, v in fractions.items()}
-        contributions = {layer: [v[i] for i in pick] for layer, v in contributions.items()}
-    null._fractions, null._contributions = fractions, contributions
+    null.observed = sum_arrays(null.observed)
+    null.null = sum_arrays(null.null)
+    null.kept, null.seen = (int(v) for v in sum_arrays(np.array([null.kept, null.seen], dtype=np.int64)))
 
 
 def reduce_cka(cka) -> None:

@@ -45,8 +45,11 @@ __all__ = [
     "ImageStats",
     "Prepared",
     "align_image",
+    "CHUNK_SIZE",
+    "PREFETCH_BATCHES",
     "align_images",
     "alignment_preparation",
+    "chunk_plan",
     "face_batches",
     "image_batches",
     "prepare_face",
@@ -62,6 +65,16 @@ FACE_SHARE_WARNING = 0.25
 """Images analysed unaligned whose face covers under this share of the tokens are warned about
 (measured with ``--align none``: ``astronaut`` 3%, ``grace_hopper`` 10%, 92x112 portraits 50%,
 the bundled demo faces 43%)."""
+
+CHUNK_SIZE = 512
+"""Images whose landmarks are found together (one pool of Face Mesh workers on an empty cache)."""
+
+PREFETCH_BATCHES = 3
+"""Batches to prepare ahead of the model (:func:`moescope.forward.prefetched`). Within a chunk
+(:func:`chunk_plan`) batches leave as they fill; at a chunk boundary the next chunk's images are
+read and their landmarks looked up first, about two batches' worth of model time, so three in
+hand keep the model busy while memory stays bounded by them."""
+
 
 REGION_SOURCES = ("landmarks", "template")
 ASSIGN_MODES = ("soft", "majority")
@@ -190,41 +203,56 @@ def image_batches(
     *,
     batch_size: int | None = None,
     min_images: int = 1,
-    prepare: Callable[[list[tuple[str, np.ndarray]]], list[Prepared]] | None = None,
+    prepare: Callable[[list[tuple[str, np.ndarray]]], Iterable[Prepared]] | None = None,
     stats: ImageStats | None = None,
 ) -> Iterator[ImageBatch]:
     """Model-ready batches of ``paths``, group by group.
 
     Each group of path indices is read (unreadable files skipped), passed through ``prepare``
-    (which may drop images and adds their region fractions; default: none), and cut into
-    batches of ``batch_size`` (default: the whole group). A batch of fewer than ``min_images``
+    (which may drop images and adds their region fractions; default: none; it may return an
+    iterator, consumed as the batches fill), and cut into batches of ``batch_size`` (default:
+    the whole group). A batch of fewer than ``min_images``
     images is not yielded; its size goes to ``stats.dropped``.
     """
     stats = stats if stats is not None else ImageStats()
     stats.found += len(paths)
+
+    def batch(piece: list[Prepared], files: int) -> ImageBatch:
+        stats.analysed += len(piece)
+        return ImageBatch(
+            images=torch.stack([preprocess(image, input_size) for _, image, _ in piece]),
+            ids=[image_id for image_id, _, _ in piece],
+            fractions={g: np.stack([f[g] for _, _, f in piece]) for g in piece[0][2]},
+            files=files,
+        )
+
     for group in groups:
         group = list(group)
         loaded = read_images([paths[i] for i in group], stats)
         items = prepare(loaded) if prepare is not None else [(image_id, image, {}) for image_id, image in loaded]
-        size = batch_size or max(len(items), 1)
-        for start in range(0, len(items), size):
-            piece = items[start : start + size]
-            if len(piece) < min_images:
-                stats.dropped.append(len(piece))
-                continue
-            stats.analysed += len(piece)
-            yield ImageBatch(
-                images=torch.stack([preprocess(image, input_size) for _, image, _ in piece]),
-                ids=[image_id for image_id, _, _ in piece],
-                fractions={g: np.stack([f[g] for _, _, f in piece]) for g in piece[0][2]},
-                files=len(group),
-            )
+        if batch_size is None:  # the whole group
+            items = list(items)
+            if items and len(items) >= min_images:
+                yield batch(items, len(group))
+            elif items:
+                stats.dropped.append(len(items))
+            continue
+        piece: list[Prepared] = []
+        for item in items:  # prepared lazily: a batch leaves as soon as it is full
+            piece.append(item)
+            if len(piece) == batch_size:
+                yield batch(piece, len(group))
+                piece = []
+        if piece and len(piece) >= min_images:
+            yield batch(piece, len(group))
+        elif piece:
+            stats.dropped.append(len(piece))
 
 
-def _fractions(masks: np.ndarray, grid: tuple[int, int], input_size: int, assign: str) -> np.ndarray:
-    from .regions import REGIONS, hard_labels, pool_to_grid
+def _fractions(labels: np.ndarray, grid: tuple[int, int], input_size: int, assign: str) -> np.ndarray:
+    from .regions import REGIONS, hard_labels, pool_labels_to_grid
 
-    frac = pool_to_grid(masks, grid, input_hw=(input_size, input_size))
+    frac = pool_labels_to_grid(labels, grid, input_hw=(input_size, input_size))
     if assign == "majority":
         frac = (hard_labels(frac)[None] == np.arange(len(REGIONS))[:, None, None]).astype(np.float64)
     return frac
@@ -339,12 +367,16 @@ def _save_view(folder: Path, image_id: str, root: Path | None, image: np.ndarray
 
 def _prepare_all(
     loaded: list[tuple[str, np.ndarray]], mode: str, input_size: int, stats: FaceStats, workers: int | None, progress: bool
-) -> list[tuple[str, np.ndarray, FacePrep]]:
-    """Detect, gate and align a chunk of images, counting outcomes in ``stats``."""
+) -> Iterator[tuple[str, np.ndarray, FacePrep]]:
+    """Detect the faces of a chunk of images at once, then gate and align them one by one as
+    they are consumed, counting outcomes in ``stats``."""
     from .landmarks import detect_faces
 
     found = detect_faces([image for _, image in loaded], workers=workers, progress=progress, on_warning=stats.note_cache_problem)
-    out = []
+    return _gated(loaded, found, mode, input_size, stats)
+
+
+def _gated(loaded, found, mode: str, input_size: int, stats: FaceStats) -> Iterator[tuple[str, np.ndarray, FacePrep]]:
     for (image_id, image), face in zip(loaded, found):
         prep = prepare_face(image, face, mode, output_size=input_size, source=stats.reduced.get(image_id))
         if prep.faces > 1:
@@ -357,8 +389,7 @@ def _prepare_all(
                 stats.rejected.setdefault(reason, []).append(image_id)
         elif prep.outcome == "aligned":
             stats.aligned.append(image_id)
-        out.append((image_id, image, prep))
-    return out
+        yield image_id, image, prep
 
 
 def _common_root(paths: Sequence[Path]) -> Path | None:
@@ -415,7 +446,7 @@ def region_preparation(
     align: str = "auto",
     save_aligned: str | os.PathLike | None = None,
     save_root: Path | None = None,
-) -> Callable[[list[tuple[str, np.ndarray]]], list[Prepared]]:
+) -> Callable[[list[tuple[str, np.ndarray]]], Iterator[Prepared]]:
     """The ``prepare`` step of :func:`image_batches` for region-aware analyses: landmarks ->
     quality gate -> alignment (``align``) -> region masks on what the model sees -> fractions on
     each token grid; images without a face or with a rejected one are counted in ``stats`` (and
@@ -423,7 +454,7 @@ def region_preparation(
     of each analysed image is written under ``save_aligned`` (PNG, paths relative to
     ``save_root``) when given."""
     from .landmarks import template_landmarks
-    from .regions import REGIONS, region_masks
+    from .regions import REGIONS, region_labels
 
     if region_source not in REGION_SOURCES:
         raise ValueError(f"unknown region source {region_source!r}; use one of {', '.join(REGION_SOURCES)}")
@@ -436,8 +467,7 @@ def region_preparation(
     folder = Path(save_aligned) if save_aligned else None
     background = REGIONS.index("hair_background")
 
-    def prepare(loaded: list[tuple[str, np.ndarray]]) -> list[Prepared]:
-        prepared = []
+    def prepare(loaded: list[tuple[str, np.ndarray]]) -> Iterator[Prepared]:
         for image_id, image, prep in _prepare_all(loaded, align, input_size, stats, workers, progress):
             if prep.image is None:
                 if region_source != "template":
@@ -447,15 +477,14 @@ def region_preparation(
             else:
                 view, landmarks = prep.image, prep.landmarks
             h, w = view.shape[:2]
-            masks = region_masks(landmarks, h, w)
-            fractions = {g: _fractions(masks, g, input_size, assign) for g in grids}
+            labels = region_labels(landmarks, h, w)
+            fractions = {g: _fractions(labels, g, input_size, assign) for g in grids}
             if prep.outcome in ("canonical", "unaligned") and grids:
                 if 1.0 - float(fractions[grids[0]][background].mean()) < FACE_SHARE_WARNING:
                     stats.low_face_share.append(image_id)
             if folder is not None:
                 _save_view(folder, image_id, save_root, view, input_size)
-            prepared.append((image_id, view, fractions))
-        return prepared
+            yield image_id, view, fractions
 
     return prepare
 
@@ -469,7 +498,7 @@ def face_batches(
     region_source: str = "landmarks",
     assign: str = "soft",
     stats: FaceStats | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = CHUNK_SIZE,
     workers: int | None = None,
     progress: bool = True,
     align: str = "auto",
@@ -477,13 +506,22 @@ def face_batches(
 ) -> Iterator[ImageBatch]:
     """Batches of the face images in ``paths`` with their region fractions on every grid in ``grids``.
 
-    Landmarks are found ``chunk_size`` images at a time; ``stats`` (updated in place) counts
+    Landmarks are found ``chunk_size`` images at a time (:func:`chunk_plan`); ``stats`` (updated in place) counts
     images found, analysed, without a face, rejected (per reason), aligned, unreadable.
     ``align`` and ``save_aligned`` as :func:`region_preparation`.
     """
     stats = stats if stats is not None else FaceStats()
     prepare = region_preparation(grids, input_size, region_source=region_source, assign=assign, stats=stats,
                                  workers=workers, progress=progress, align=align, save_aligned=save_aligned,
-                                 save_root=_common_root(paths))
-    chunks = (range(start, min(start + chunk_size, len(paths))) for start in range(0, len(paths), chunk_size))
-    return image_batches(paths, input_size, chunks, batch_size=batch_size, prepare=prepare, stats=stats)
+                                 save_root=_common_root(paths) if save_aligned else None)
+    return image_batches(paths, input_size, chunk_plan(len(paths), batch_size, chunk_size), batch_size=batch_size,
+                         prepare=prepare, stats=stats)
+
+
+def chunk_plan(count: int, batch_size: int, chunk_size: int = CHUNK_SIZE) -> list[range]:
+    """Index ranges of ``count`` images prepared together: one batch first (the model starts at
+    once), then ``chunk_size`` at a time."""
+    bounds = [0, min(batch_size, count)]
+    while bounds[-1] < count:
+        bounds.append(min(bounds[-1] + chunk_size, count))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -424,14 +424,20 @@ def landmark_set(connections: frozenset[tuple[int, int]]) -> list[int]:
     return sorted({index for edge in connections for index in edge})
 
 
-def five_points(landmarks: np.ndarray) -> np.ndarray:
-    """``[5, 2]`` eye centres, nose tip and mouth corners, image-left first (ArcFace order)."""
+@cache
+def _eye_sets() -> tuple[list[int], list[int]]:
     from .mesh import FACEMESH_LEFT_EYE, FACEMESH_RIGHT_EYE
 
+    return landmark_set(FACEMESH_RIGHT_EYE), landmark_set(FACEMESH_LEFT_EYE)
+
+
+def five_points(landmarks: np.ndarray) -> np.ndarray:
+    """``[5, 2]`` eye centres, nose tip and mouth corners, image-left first (ArcFace order)."""
+    right, left = _eye_sets()
     return np.stack(
         [
-            landmarks[landmark_set(FACEMESH_RIGHT_EYE)].mean(axis=0),
-            landmarks[landmark_set(FACEMESH_LEFT_EYE)].mean(axis=0),
+            landmarks[right].mean(axis=0),
+            landmarks[left].mean(axis=0),
             landmarks[NOSE_TIP],
             landmarks[MOUTH_CORNERS[0]],
             landmarks[MOUTH_CORNERS[1]],

@@ -18,7 +18,7 @@ hair_background > eyes > nose > mouth > chin_jawline > forehead > cheeks.
 """
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import NamedTuple
 
 import cv2
@@ -28,7 +28,7 @@ from facemoe_model.geometry import JAW_BAND, PRECEDENCE, REGIONS
 
 from .landmarks import MOUTH_CORNERS, NOSE_TIP, NUM_LANDMARKS, five_points, landmark_set
 
-__all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_to_grid", "region_labels", "region_masks"]
+__all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_labels_to_grid", "pool_to_grid", "region_labels", "region_masks"]
 
 
 _SUBPIXEL_BITS = 8
@@ -79,12 +79,22 @@ def _outlines() -> _Outlines:
     )
 
 
-def _fill(shape: tuple[int, int], polygon: np.ndarray) -> np.ndarray:
-    """Boolean mask of the pixels inside ``polygon`` (continuous pixel coordinates)."""
+def _fill(shape: tuple[int, int], *polygons: np.ndarray) -> np.ndarray:
+    """Boolean mask of the pixels inside any of ``polygons`` (continuous pixel coordinates)."""
     mask = np.zeros(shape, np.uint8)
-    vertices = np.round((polygon - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    cv2.fillPoly(mask, [vertices], 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
-    return mask.astype(bool)
+    for polygon in polygons:
+        vertices = np.round((polygon - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+        cv2.fillPoly(mask, [vertices], 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    return mask.view(bool)
+
+
+@lru_cache(maxsize=16)
+def _pixel_centres(height: int, width: int) -> np.ndarray:
+    """``[height, width, 2]`` (x, y) centres of the pixels (cached: read-only)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([cols + 0.5, rows + 0.5], axis=-1)
+    pixels.flags.writeable = False
+    return pixels
 
 
 def _convex_hull(points: np.ndarray) -> np.ndarray:
@@ -103,12 +113,11 @@ def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     interocular = float(np.linalg.norm(eye_centres[1] - eye_centres[0]))
     u_axis = (eye_centres[1] - eye_centres[0]) / max(interocular, 1e-9)
     v_axis = np.array([-u_axis[1], u_axis[0]])
-    rows, cols = np.mgrid[0:height, 0:width]
-    pixels = np.stack([cols + 0.5, rows + 0.5], axis=-1)
+    pixels = _pixel_centres(height, width)
     pixel_u, pixel_v = pixels @ u_axis, pixels @ v_axis
 
     oval = _fill(shape, landmarks[outlines.oval])
-    eyes = np.logical_or.reduce([_fill(shape, _convex_hull(landmarks[side])) for side in outlines.eyes])
+    eyes = _fill(shape, *(_convex_hull(landmarks[side]) for side in outlines.eyes))
     nose = _fill(shape, _convex_hull(landmarks[outlines.nose]))
     mouth = _fill(shape, landmarks[outlines.mouth])
 
@@ -124,7 +133,7 @@ def region_labels(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     left_corner, right_corner = landmarks[list(MOUTH_CORNERS)]
     mouth_normal = np.array([left_corner[1] - right_corner[1], right_corner[0] - left_corner[0]])  # points down
     below_mouth = (pixels - left_corner) @ mouth_normal > 0
-    distance_to_oval = cv2.distanceTransform(oval.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    distance_to_oval = cv2.distanceTransform(oval.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     jaw_band = (distance_to_oval <= JAW_BAND * interocular) & (pixel_v > landmarks[NOSE_TIP] @ v_axis)
 
     claims = {
@@ -146,12 +155,15 @@ def region_masks(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
     return region_labels(landmarks, height, width)[None] == np.arange(len(REGIONS))[:, None, None]
 
 
+@lru_cache(maxsize=64)
 def _overlap(size: int, covered: float, cells: int) -> np.ndarray:
     """``[cells, size]`` length of each of ``cells`` equal intervals tiling ``[0, covered)``
-    that falls in each unit pixel interval ``[i, i + 1)``."""
+    that falls in each unit pixel interval ``[i, i + 1)`` (cached: read-only)."""
     bounds = np.arange(cells + 1) * (covered / cells)
     pixel = np.arange(size)
-    return np.clip(np.minimum(bounds[1:, None], pixel + 1.0) - np.maximum(bounds[:-1, None], pixel), 0.0, None)
+    overlap = np.clip(np.minimum(bounds[1:, None], pixel + 1.0) - np.maximum(bounds[:-1, None], pixel), 0.0, None)
+    overlap.flags.writeable = False
+    return overlap
 
 
 def pool_to_grid(
@@ -181,7 +193,45 @@ def pool_to_grid(
     rows = _overlap(height, covered_h, grid_h)
     cols = _overlap(width, covered_w, grid_w)
     area = (covered_h / grid_h) * (covered_w / grid_w)
-    return np.einsum("ri,kij,cj->krc", rows, masks.astype(np.float64), cols, optimize=True) / area
+    return (rows @ masks.astype(np.float64) @ cols.T) / area  # [gh, H] @ [R, H, W] @ [W, gw]
+
+
+@lru_cache(maxsize=64)
+def _histogram_bins(height: int, width: int, covered_h: float, covered_w: float, grid_h: int, grid_w: int,
+                    num_regions: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For cells of whole pixels: ``(pixels inside a cell (flat indices), their cell x
+    num_regions)``; None when a cell boundary falls inside a pixel (cached: read-only)."""
+    cell_h, cell_w = covered_h / grid_h, covered_w / grid_w
+    if not (cell_h.is_integer() and cell_w.is_integer() and covered_h.is_integer() and covered_w.is_integer()):
+        return None
+    rows = np.arange(int(covered_h)) // int(cell_h)
+    cols = np.arange(int(covered_w)) // int(cell_w)
+    pixels = (np.arange(int(covered_h))[:, None] * width + np.arange(int(covered_w))[None, :]).ravel()
+    bins = ((rows[:, None] * grid_w + cols[None, :]) * num_regions).ravel()
+    pixels.flags.writeable = bins.flags.writeable = False
+    return pixels, bins
+
+
+def pool_labels_to_grid(
+    labels: np.ndarray, grid_hw: tuple[int, int], *, input_hw: tuple[int, int] | None = None, num_regions: int = len(REGIONS)
+) -> np.ndarray:
+    """:func:`pool_to_grid` of the one-hot masks of a label image (``int [H, W]`` region indices,
+    e.g. :func:`region_labels`), without building them: a histogram per cell when the cells are
+    whole pixels (the bundled faces and every aligned crop), the exact area weights otherwise."""
+    labels = np.asarray(labels)
+    height, width = labels.shape
+    grid_h, grid_w = grid_hw
+    covered_h, covered_w = float(height), float(width)
+    if input_hw is not None:
+        covered_h *= (input_hw[0] // grid_h) * grid_h / input_hw[0]
+        covered_w *= (input_hw[1] // grid_w) * grid_w / input_hw[1]
+    histogram = _histogram_bins(height, width, covered_h, covered_w, grid_h, grid_w, num_regions)
+    if histogram is None:
+        return pool_to_grid(labels[None] == np.arange(num_regions)[:, None, None], grid_hw, input_hw=input_hw)
+    pixels, bins = histogram
+    counts = np.bincount(bins + labels.ravel()[pixels], minlength=grid_h * grid_w * num_regions)
+    area = (covered_h / grid_h) * (covered_w / grid_w)
+    return counts.reshape(grid_h, grid_w, num_regions).transpose(2, 0, 1) / area
 
 
 def hard_labels(fractions: np.ndarray) -> np.ndarray:

@@ -172,3 +172,119 @@ def test_device_auto_is_cuda_when_present():
 
     assert analysis_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert analysis_device("cpu").type == "cpu"
+
+
+# --- torchrun: maps, attack, degrade (sharded: each rank analyses its own images) ----------------
+
+_TRACED = '''
+import json, os, sys
+from moescope import cost
+from moescope.runners import maps, stability
+
+seen, benched = [], []
+image_batches, decode, benchmark = maps.image_batches, stability._decode, cost.benchmark_model
+
+def traced_batches(*args, **kwargs):
+    for batch in image_batches(*args, **kwargs):
+        seen.extend(batch.ids)
+        yield batch
+
+def traced_decode(source):
+    seen.append(str(source))
+    return decode(source)
+
+def traced_benchmark(*args, **kwargs):
+    benched.append(os.environ["RANK"])
+    return benchmark(*args, **kwargs)
+
+maps.image_batches, stability._decode, cost.benchmark_model = traced_batches, traced_decode, traced_benchmark
+from moescope.cli import main
+try:
+    status = main(sys.argv[2:])
+finally:
+    with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+        json.dump({"images": seen, "benchmarked": benched}, f)
+sys.exit(status)
+'''
+
+
+def _torchrun_traced(argv: list[str], tmp_path: Path, nproc: int = 2) -> tuple[list[str], list[dict]]:
+    """``torchrun ... moescope ARGV`` with each rank recording the images it read (and whether it benchmarked)."""
+    script, logs, trace = tmp_path / "traced.py", tmp_path / "logs", tmp_path / "trace"
+    script.write_text(_TRACED)
+    trace.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--log-dir", str(logs), "--redirects", "3", str(script), str(trace), *argv, "--json", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    errors = "".join(p.read_text() for p in sorted(logs.glob("*/attempt_0/*/stderr.log")))
+    assert proc.returncode == 0, (proc.stderr + errors)[-3000:]
+    stdout = [next(logs.glob(f"*/attempt_0/{r}/stdout.log")).read_text() for r in range(nproc)]
+    return stdout, [json.loads((trace / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _without_timing(doc: dict) -> dict:
+    doc["summary"].pop("seconds", None)  # wall-clock time: the one number that may differ
+    return doc
+
+
+@pytest.fixture(scope="module")
+def identity_folders(tmp_path_factory) -> Path:
+    """Four bundled demo identities (4 images each)."""
+    import shutil
+
+    from moescope.demo import demo_images_dir
+
+    root = tmp_path_factory.mktemp("faces")
+    for identity in sorted(p for p in Path(demo_images_dir()).iterdir() if p.is_dir())[:4]:
+        shutil.copytree(identity, root / identity.name)
+    return root
+
+
+_SHARDED = {  # small settings: 5-6 images or probes in batches of 2, so both ranks get some
+    "maps-weight": ["maps", "--kind", "weight", "--by", "layer", "--images", "6", "--batch-size", "2"],
+    "maps-gradcam": ["maps", "--kind", "gradcam", "--images", "5", "--batch-size", "2"],
+    "maps-cases": ["maps", "--cases", "success,failure", "--lowres", "6", "--images", "3", "--kind", "input", "--steps", "2",
+                   "--bootstrap", "50", "--batch-size", "2"],
+    "attack": ["attack", "--attack", "pgd,mim", "--eps", "8/255", "--steps", "2", "--max-probes", "6", "--batch-size", "2"],
+    "degrade": ["degrade", "--noise", "20", "--occlude", "mouth", "--jpeg", "30", "--max-probes", "6", "--batch-size", "2"],
+}
+
+
+@pytest.mark.parametrize("name", list(_SHARDED))
+def test_sharded_commands_under_two_gloo_processes_give_the_single_process_result(name, identity_folders, tmp_path):
+    """maps (routing-weight, Grad-CAM with folder references, success/failure cases with the
+    bootstrap), attack (PGD/MIM random starts) and degrade (seeded noise, occlusion): the JSON of
+    2 gloo ranks equals one process (integers exactly, floats to RTOL), each rank read a
+    contiguous share of the images (together all of them, once), only rank 0 printed."""
+    argv = list(_SHARDED[name])
+    if name.startswith("maps"):
+        argv[1:1] = ["--data", str(identity_folders)]
+    single = _without_timing(_single(argv))
+    (rank0, rank1), traces = _torchrun_traced(argv, tmp_path)
+    assert rank1.strip() == "", "only rank 0 prints"
+    assert _close(single, _without_timing(json.loads(rank0))) == []
+    shares = [list(dict.fromkeys(t["images"])) for t in traces]  # maps: the gradient references read them again
+    assert all(shares) and not set(shares[0]) & set(shares[1]), "each rank reads its own images"
+    if name.startswith("maps"):
+        ids = [row["image"] for row in single["tables"]["images"]]
+        assert [i for share in shares for i in share if i in ids] == ids, "contiguous shares, in image order"
+    else:
+        assert len(shares[0]) + len(shares[1]) == single["summary"]["probes"]
+
+
+def test_maps_under_torchrun_writes_each_aligned_view_once_named_as_one_process_does(identity_folders, tmp_path):
+    argv = ["maps", "--data", str(identity_folders), "--images", "6", "--batch-size", "2"]
+    _single([*argv, "--save-aligned", str(tmp_path / "one")])
+    _torchrun_traced([*argv, "--save-aligned", str(tmp_path / "two")], tmp_path)
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    assert len(one) == 6 and one == two
+    assert len({p.parent for p in one}) > 1, "views keep their identity folder"
+
+
+def test_bench_under_torchrun_measures_on_rank_0_alone(tmp_path):
+    argv = ["bench", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--no-router-time"]
+    (rank0, rank1), traces = _torchrun_traced(argv, tmp_path)
+    assert rank1.strip() == "" and [t["benchmarked"] for t in traces] == [["0"], []]
+    result = json.loads(rank0)
+    assert "rank 0 alone" in result["settings"]["torchrun"] and len(result["tables"]["latency"]) == 2

@@ -7,7 +7,7 @@ import pytest
 
 from moescope.regions import REGIONS
 from moescope.stats.regions import RegionRoutingCounts
-from moescope.stats.specialisation import PermutationNull, mutual_information, nmi_of_joints
+from moescope.stats.specialisation import PermutationNull, mutual_information, nmi_of_joints, null_sample
 from moescope.trace import LayerRouting
 
 R = len(REGIONS)
@@ -77,37 +77,46 @@ def test_null_rejects_routing_that_follows_regions():
 
 def test_shuffle_against_an_independent_reference():
     """Same seed, same draws: the null tables equal an explicit loop that permutes each image's fractions."""
+    from moescope.stats.specialisation import _id_hash
+
     routing_, fractions = synthetic(3, follows_regions=True, images=5)
+    ids = [f"face{b}.png" for b in range(5)]
     null = PermutationNull(["m.mlp"], 3, R, resamples=7, seed=11)
-    null.update(routing_, fractions)
+    null.update(routing_, fractions, ids)
     observed, tables = null.joints()
     frac = fractions[(6, 6)].reshape(5, R, -1).transpose(0, 2, 1)
     contrib = routing_["m.mlp"].contributions("top1")
     np.testing.assert_allclose(observed[0], np.einsum("bnr,bne->re", frac, contrib))
-    rng = np.random.default_rng([11, 0x9E11])
+    perms = [np.random.default_rng([11, 0x9E11, _id_hash(i), 6, 6]).permuted(np.broadcast_to(np.arange(36), (7, 36)), axis=1) for i in ids]
     for s in range(7):
-        perm = rng.permuted(np.broadcast_to(np.arange(36), (5, 36)), axis=1)
         # permuting experts by perm == permuting fractions by its inverse: the same null law, here the same table
-        expected = sum(frac[b].T @ contrib[b][perm[b]] for b in range(5))
+        expected = sum(frac[b].T @ contrib[b][perms[b][s]] for b in range(5))
         np.testing.assert_allclose(tables[s, 0], expected)
         # the marginals are untouched by the shuffle
         np.testing.assert_allclose(tables[s, 0].sum(1), observed[0].sum(1))
         np.testing.assert_allclose(tables[s, 0].sum(0), observed[0].sum(0))
 
 
-def test_reservoir_keeps_at_most_max_images_and_is_seeded():
+def test_null_sample_is_seeded_and_the_draws_do_not_depend_on_batching():
     routing_, fractions = synthetic(1, follows_regions=True, images=30)
+    ids = [f"img{b:02d}" for b in range(30)]
+    drawn = null_sample(ids, 8, seed=4)
+    assert drawn == null_sample(ids, 8, seed=4) != null_sample(ids, 8, seed=5)
+    assert len(drawn) == 8 and drawn == sorted(drawn) and set(drawn) <= set(ids)
+    assert null_sample(ids[:5], 8, seed=4) == ids[:5]
     runs = []
-    for _ in range(2):
-        null = PermutationNull(["m.mlp"], 3, R, resamples=5, max_images=8, seed=4)
-        for start in range(0, 30, 7):
-            sl = slice(start, start + 7)
+    for step in (7, 30, 1):  # the same images in other batches (or ranks): the same null, to rounding
+        null = PermutationNull(["m.mlp"], 3, R, resamples=5, images=drawn, seed=4)
+        for start in range(0, 30, step):
+            sl = slice(start, start + step)
             r = routing_["m.mlp"]
             part = LayerRouting(r.topk[sl], r.weights[sl], r.probs[sl], r.logits[sl], r.grid, r.weighting)
-            null.update({"m.mlp": part}, {(6, 6): fractions[(6, 6)][sl]})
+            null.update({"m.mlp": part}, {(6, 6): fractions[(6, 6)][sl]}, ids[sl])
         assert null.kept == 8 and null.seen == 30
-        runs.append(null.table({"m.mlp": ["m.mlp"]}))
-    assert runs[0].equals(runs[1])
+        runs.append(null.joints())
+    for observed, tables in runs[1:]:
+        np.testing.assert_allclose(observed, runs[0][0], rtol=1e-12)
+        np.testing.assert_allclose(tables, runs[0][1], rtol=1e-12)
 
 
 def test_token_counts_and_face_share():

@@ -67,9 +67,20 @@ def load_bench_model(spec: str, top_k: int | None):
     return load_model(spec, top_k=top_k), False
 
 
+TORCHRUN_NOTE = ("measured by rank 0 alone on its device; the other {others} torchrun rank(s) exited at once, "
+                 "so nothing competed with the timings for the CPU cores or the GPU")
+"""``settings["torchrun"]`` of a run under ``torchrun`` (WORLD_SIZE > 1)."""
+
+
 def run(args: argparse.Namespace) -> int:
+    """Benchmark the checkpoint. Under ``torchrun`` rank 0 alone measures (a benchmark times one
+    device; N processes timing at once would only slow each other down): the other ranks return
+    at once, before loading anything or joining a process group, and print nothing."""
+    from .. import distributed
     from ..cost import benchmark_model
 
+    if not distributed.is_main():
+        return 0
     sizes = batch_sizes(args.batch_sizes)
     if args.repeats is not None:
         positive(args.repeats, "--repeats")
@@ -84,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
     )
     result.settings["weights"] = "random (seed 0; no checkpoint)" if random_weights else "checkpoint"
+    if distributed.world_size() > 1:
+        result.settings["torchrun"] = TORCHRUN_NOTE.format(others=distributed.world_size() - 1)
     emit(result, args, render)
     return 0
 

@@ -25,6 +25,18 @@ With ``cases`` the images are the probes of a gallery/probe split, labelled ``su
 ``failure`` by their Rank-1 identification with the first checkpoint
 (:func:`facemoe_model.evaluate.mate_ranks` on the same flip-fused embeddings ``moescope eval``
 uses), and the concentration numbers are compared between the cases with bootstrap intervals.
+
+Under ``torchrun`` (:mod:`moescope.distributed`) each rank maps a contiguous share of the
+images, cut at batch boundaries (the landmark chunks are whole batches, so every batch holds
+the images one process would put in it); the per-image maps, fractions, ids and model views
+are gathered in rank order (= image order), the face statistics summed, and every rank
+computes the tables from the same arrays, so the result is the single-process one (the
+bootstrap resamples images of the gathered table). The references of the gradient maps and
+the evaluation embeddings of ``cases`` are computed sharded and gathered too. Rank 0 alone
+shows progress; ``--save-aligned`` views are written by the rank that maps the image. Where
+images are dropped (no face, rejected), a single process refills a batch from later images of
+its chunk and a rank cannot, so batch composition — and floating-point rounding of batched
+matrix products — may differ at float32 precision; counts and discrete maps stay equal.
 """
 from __future__ import annotations
 
@@ -43,8 +55,9 @@ from facemoe_model.hooks import HookSet
 from facemoe_model.inference import eval_mode, model_device
 from facemoe_model.moe import ExpertOutputs, select_moe_layers
 
+from .. import distributed
 from ..errors import MoescopeError
-from ..faces import FaceStats, alignment_preparation, image_batches, region_preparation
+from ..faces import FaceStats, _common_root, alignment_preparation, image_batches, region_preparation
 from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
@@ -148,21 +161,29 @@ def _display(x: torch.Tensor) -> np.ndarray:
 def _embed_paths(model: nn.Module, paths: Sequence[Path], size: int, batch_size: int, align: str) -> dict[str, np.ndarray]:
     """Embeddings (plain forward, no flip) of the images as the model sees them (aligned with
     ``align``); images alignment leaves out (no accepted face: analysed from the template with
-    ``region_source="template"``) are embedded as read."""
+    ``region_source="template"``) are embedded as read. Under ``torchrun`` each rank embeds its
+    share (:func:`moescope.distributed.shard`) and every rank returns all of them, in the
+    single-process order (aligned images in path order, then those embedded as read)."""
     from ..attribution import embed
 
-    out: dict[str, np.ndarray] = {}
     device = model_device(model)
 
-    def run(chosen: Sequence[Path], prepare) -> None:
+    def run(chosen: Sequence[Path], prepare) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
         for batch in image_batches(chosen, size, [range(len(chosen))], batch_size=batch_size, prepare=prepare):
             out.update(zip(batch.ids, embed(model, batch.images.to(device)).cpu().numpy()))
+        return out
 
+    mine = distributed.shard(list(paths), batch_size)
     with eval_mode(model):
-        run(paths, alignment_preparation(size, align=align, stats=FaceStats(), progress=False))
-        missing = [p for p in paths if str(p) not in out]
-        if missing:
-            run(missing, None)
+        aligned = run(mine, alignment_preparation(size, align=align, stats=FaceStats(), progress=False))
+        missing = [p for p in mine if str(p) not in aligned]
+        as_read = run(missing, None) if missing else {}
+    pieces = distributed.gather((aligned, as_read))
+    out: dict[str, np.ndarray] = {}
+    for part in (0, 1):
+        for piece in pieces:
+            out.update(piece[part])
     return out
 
 
@@ -368,14 +389,19 @@ def analyse_maps(
                 references.append(refs)
 
     stats = FaceStats()
+    progress = progress and distributed.is_main()
+    # --save-aligned: each rank writes the views of its images, named relative to the folder of all of them
     prepare = region_preparation(grids, size, region_source=region_source, stats=stats, workers=workers, progress=progress,
-                                 align=align, save_aligned=save_aligned)
+                                 align=align, save_aligned=save_aligned, save_root=_common_root(paths) if save_aligned else None)
     if probe_transform is not None and cases:
         base_prepare = prepare
         prepare = lambda loaded: [(i, probe_transform(im), f) for i, im, f in base_prepare(loaded)]  # noqa: E731
-    chunk = 512
-    groups = (range(s, min(s + chunk, len(paths))) for s in range(0, len(paths), chunk))
-    batches = image_batches(paths, size, groups, batch_size=batch_size, prepare=prepare, stats=stats)
+    # torchrun: this rank's contiguous share of whole batches; landmark chunks of whole batches,
+    # so (without dropped images) every batch is the one a single process would make
+    mine = distributed.shard(paths, batch_size)
+    chunk = batch_size * max(1, 512 // batch_size)
+    groups = (range(s, min(s + chunk, len(mine))) for s in range(0, len(mine), chunk))
+    batches = image_batches(mine, size, groups, batch_size=batch_size, prepare=prepare, stats=stats)
 
     per_layer: dict[str, dict[str, list[np.ndarray]]] = {label: {} for label in labels}
     fractions: dict[tuple[int, int], list[np.ndarray]] = {}
@@ -401,6 +427,22 @@ def analyse_maps(
     else:
         for batch, label_maps in map_passes(models, batches, (kind,), names):
             collect(batch, [kinds[kind] for kinds in label_maps])
+
+    # torchrun: every rank's images in rank (= image) order, the face statistics summed
+    distributed.reduce_stats(stats)
+    if distributed.world_size() > 1:
+        pieces = distributed.gather((ids, fractions, shown, per_layer))
+        ids = [i for p in pieces for i in p[0]]
+        fractions = {}
+        for p in pieces:
+            for grid, parts in p[1].items():
+                fractions.setdefault(grid, []).extend(parts)
+        shown = [a for p in pieces for a in p[2]]
+        per_layer = {label: {} for label in labels}
+        for p in pieces:
+            for label, layer_maps in p[3].items():
+                for name, parts in layer_maps.items():
+                    per_layer[label].setdefault(name, []).extend(parts)
 
     if stats.analysed == 0:
         raise MoescopeError(

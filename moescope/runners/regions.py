@@ -17,12 +17,12 @@ from torch import nn
 
 from .. import distributed
 from ..errors import MoescopeError
-from ..faces import FaceStats, face_batches
-from ..forward import forward_passes
+from ..faces import PREFETCH_BATCHES, FaceStats, face_batches
+from ..forward import Accumulator, forward_passes
 from ..plotting import region_routing_heatmap
 from ..results import AnalysisResult, atomic_path
 from ..stats.regions import RegionRoutingCounts, compare_tables, paper_table
-from ..stats.specialisation import PermutationNull
+from ..stats.specialisation import PermutationNull, null_sample
 from ..trace import compatible_layers, token_frame
 
 __all__ = ["BASELINE_LABEL", "NULL_SHUFFLE", "analyse_regions", "checkpoint_labels", "init_baseline"]
@@ -31,8 +31,9 @@ BASELINE_LABEL = "init"
 """Label of the freshly initialised network of ``--baseline init``."""
 
 NULL_SHUFFLE = (
-    "within each image and MoE layer, the tokens' region fractions permuted across the image's tokens "
-    "(experts, images and each image's region composition kept); p = (1 + #null >= observed) / (1 + resamples)"
+    "within each image, the tokens' region fractions permuted across the image's tokens, once per token grid "
+    "(the MoE layers on one grid see the same shuffle; experts, images and each image's region composition kept); "
+    "p = (1 + #null >= observed) / (1 + resamples)"
 )
 
 
@@ -108,8 +109,9 @@ def analyse_regions(
     first, num_experts, input_size = compatible_layers(models, all_labels, layers)
     names = list(first)
     counters = {label: RegionRoutingCounts(names, num_experts, count=count, by=by) for label in all_labels}
+    drawn = null_sample(paths, null_images, seed) if null > 0 else []
     nulls = {label: PermutationNull(names, num_experts, len(counters[label].regions), resamples=max(null, 0),
-                                    max_images=null_images, seed=seed, count=count) for label in all_labels}
+                                    images=drawn, seed=seed, count=count) for label in all_labels}
     token_frames = []
     stats = FaceStats()
     grids = [l.token_grid for l in first.values()]
@@ -117,13 +119,18 @@ def analyse_regions(
         distributed.shard(paths, batch_size), grids, input_size, batch_size=batch_size, region_source=region_source,
         assign=assign, stats=stats, workers=workers, progress=progress and distributed.is_main(), align=align, save_aligned=save_aligned,
     )
-    for step in forward_passes(models, batches, layers=names, prefetch=2):
+
+    def tally(step) -> None:
         for label, model_pass in zip(all_labels, step.passes):
             counters[label].update(model_pass.routing, step.batch.fractions)
             if null > 0:
-                nulls[label].update(model_pass.routing, step.batch.fractions)
+                nulls[label].update(model_pass.routing, step.batch.fractions, step.batch.ids)
             if export_tokens:
                 token_frames.append(token_frame(model_pass.routing, step.batch.ids).assign(checkpoint=label))
+
+    with Accumulator() as accumulator:  # counting runs beside the next forward pass, in batch order
+        for step in forward_passes(models, batches, layers=names, prefetch=PREFETCH_BATCHES):
+            accumulator.submit(lambda step=step: tally(step))
     for label in all_labels:  # torchrun: sum the ranks' counts, gather per-image vectors in image order
         distributed.reduce_region_counts(counters[label])
         if null > 0:

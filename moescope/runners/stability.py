@@ -14,6 +14,16 @@ a pair replaced by its perturbed version; gallery images stay clean) per setting
 Settings run inside the batch loop (clean pass once per batch), so memory holds one batch of
 images plus, per setting, one embedding per probe and a few counters: flat over many probes.
 Attack steps free their graph (``run_attack``); routing is captured as detached numpy.
+
+Under ``torchrun`` (:mod:`moescope.distributed`) each rank perturbs a contiguous share of the
+probe batches (the batches are those of one process: same images, same global start index,
+so the PGD / MIM random starts, seeded ``seed + start``, and the noise, seeded per global
+probe index, are the single-process ones); the gallery and the verification pairs' other
+images are embedded sharded (:func:`facemoe_model.evaluate.embed_dataset`). At the end each
+setting's routing-change and region sums and expert-usage counts are summed over the ranks
+(counts exactly) and the probe embeddings and attack norms gathered in rank (= probe) order,
+so every rank computes the single-process tables; rank 0 alone shows progress. Only
+``summary["seconds"]`` (wall-clock time) differs.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from facemoe_model.data.transforms import DownUp, GaussianBlur, GaussianNoise, J
 from facemoe_model.evaluate import identification_metrics, verification_metrics
 from facemoe_model.protocols import EmbeddingCache, EvaluationData
 
+from .. import distributed
 from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddings, run_attack
 from ..errors import DataError, MoescopeError
 from ..forward import forward_passes
@@ -289,6 +300,10 @@ class _Acc:
     embeddings: list = dataclasses.field(default_factory=list)
     attack: dict = dataclasses.field(default_factory=lambda: {"loss_before": [], "loss_after": [], "linf": [], "l2": []})
 
+    def state(self) -> tuple:
+        """What :func:`_reduce` sums / gathers over the ranks."""
+        return self.change._sums, self.regions._sums, self.counts, self.embeddings, self.attack
+
     def update(self, clean: dict, routing: dict, fractions: dict, embeddings: np.ndarray) -> None:
         self.change.update(clean, routing)
         self.regions.update(clean, routing, fractions)
@@ -296,6 +311,28 @@ class _Acc:
             added = np.bincount(r.topk.reshape(-1), minlength=r.num_experts)
             self.counts[name] = self.counts.get(name, 0) + added
         self.embeddings.append(embeddings)
+
+
+def _summed(parts: Sequence[dict]) -> dict:
+    """``name -> array`` dicts of the ranks summed (names in order of first appearance, i.e. the single-process order)."""
+    names = list(dict.fromkeys(name for part in parts for name in part))
+    return {name: sum(part[name] for part in parts if name in part) for name in names}
+
+
+def _reduce(accs: Sequence[_Acc], templated: int) -> int:
+    """torchrun: every rank's accumulators merged into ``accs``, in place (sums added up in rank
+    order, per-probe rows concatenated in rank = probe order); returns the templated count."""
+    if distributed.world_size() == 1:
+        return templated
+    pieces = distributed.gather(([acc.state() for acc in accs], templated))
+    for k, acc in enumerate(accs):
+        states = [p[0][k] for p in pieces]
+        acc.change._sums = _summed([st[0] for st in states])
+        acc.regions._sums = _summed([st[1] for st in states])
+        acc.counts = _summed([st[2] for st in states])
+        acc.embeddings = [e for st in states for e in st[3]]
+        acc.attack = {key: [v for st in states for v in st[4][key]] for key in acc.attack}
+    return int(sum(p[1] for p in pieces))
 
 
 def probe_stability(
@@ -356,8 +393,8 @@ def probe_stability(
     accs = [_Acc() for _ in runs]
     templated = 0
     n = len(probes.sources)
-    batches = range(0, n, batch_size)
-    bar = tqdm(total=len(batches) * len(runs), desc=command, unit="batch x setting", disable=not progress)
+    batches = distributed.shard(range(0, n, batch_size))  # torchrun: this rank's batches (global starts)
+    bar = tqdm(total=len(batches) * len(runs), desc=command, unit="batch x setting", disable=not (progress and distributed.is_main()))
     for start in batches:
         index = list(range(start, min(start + batch_size, n)))
         images = [_decode(probes.sources[i]) for i in index]
@@ -387,6 +424,7 @@ def probe_stability(
             acc.update(clean_routing, routing, fractions, emb)
             bar.update(1)
     bar.close()
+    templated = _reduce(accs, templated)
 
     # verification: every probe-side image of a pair replaced by its perturbed version
     pair_rows = pair_keep = clean_pairs = None

@@ -112,13 +112,13 @@ class RegionRoutingCounts:
                 if self.rank_counts is None:
                     self.rank_counts = np.zeros((len(self.groups), len(self.regions), self.num_experts, r.k))
             g = self._group_of[layer]
-            joint = np.einsum("brn,bne->bre", frac, r.contributions(self.count))
+            joint = frac @ r.contributions(self.count)  # [B, R, N] @ [B, N, E]
             batch[:, g] += joint
             self.layer_counts[self._layer_index[layer]] += joint.sum(0)
+            tokens = frac.transpose(1, 0, 2).reshape(len(self.regions), -1)  # [R, B * N]
+            identity = np.eye(self.num_experts)
             for rank in range(min(r.k, self.rank_counts.shape[-1])):
-                onehot = np.zeros(r.probs.shape)
-                np.put_along_axis(onehot, r.topk[..., rank : rank + 1], 1.0, axis=-1)
-                self.rank_counts[g, :, :, rank] += np.einsum("brn,bne->re", frac, onehot)
+                self.rank_counts[g, :, :, rank] += tokens @ identity[r.topk[..., rank].reshape(-1)]
         if batch.size:
             self.counts += batch.sum(0)
             self.per_image.append(batch.astype(np.float32))
@@ -134,6 +134,7 @@ class RegionRoutingCounts:
             return nan, nan
         rng = np.random.default_rng(seed)
         flat = per_image.reshape(n, -1).astype(np.float64)
+        chunk = max(1, min(chunk, 500_000 // n))  # resampling weights [chunk, n]: a few MB however many images
         draws = []
         for start in range(0, n_boot, chunk):
             size = min(chunk, n_boot - start)

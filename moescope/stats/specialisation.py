@@ -7,11 +7,12 @@ zero entropy; per region, the entropy of its expert distribution, in bits and di
 
 Against chance: :class:`PermutationNull` draws the NMI a routing that ignores the regions would
 show on the same images (region fractions shuffled across tokens within each image), exact and
-streaming over a seeded subsample of images; :func:`nmi_of_joints` is the vectorised NMI.
+streaming over a seeded subsample of images (:func:`null_sample`); :func:`nmi_of_joints` is the vectorised NMI.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+import hashlib
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from ..trace import LayerRouting
 
-__all__ = ["PermutationNull", "entropy_bits", "mutual_information", "nmi_of_joints", "specialisation_table"]
+__all__ = ["PermutationNull", "entropy_bits", "mutual_information", "nmi_of_joints", "null_sample", "specialisation_table"]
 
 
 def entropy_bits(p: np.ndarray) -> float:
@@ -66,6 +67,22 @@ def specialisation_table(counts: np.ndarray, groups: Sequence[str], regions: Seq
 # --- NMI per layer with a within-image permutation null ------------------------------------------
 
 
+def null_sample(ids: Sequence[str], size: int, seed: int = 0) -> list[str]:
+    """The ids the permutation null is drawn on: all of ``ids`` when there are at most
+    ``size``, else ``size`` of them drawn uniformly with ``seed`` (in their order)."""
+    ids = [str(i) for i in ids]
+    if len(ids) <= size:
+        return ids
+    pick = np.sort(np.random.default_rng([seed, 0x5EC]).choice(len(ids), size, replace=False))
+    return [ids[i] for i in pick]
+
+
+def _id_hash(image_id: str) -> int:
+    """A stable 64-bit number of an image id (seeds its permutations)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+
 def nmi_of_joints(joints: np.ndarray) -> np.ndarray:
     """NMI of every ``[R, E]`` joint count table in ``joints [..., R, E]`` (vectorised
     :func:`mutual_information`; NaN where a table is empty or a marginal has zero entropy)."""
@@ -86,10 +103,10 @@ def nmi_of_joints(joints: np.ndarray) -> np.ndarray:
 class PermutationNull:
     """Null distribution of NMI(region; expert) under "routing ignores the region labels".
 
-    What is shuffled: within each image and MoE layer, the tokens' region fractions are
-    permuted across that image's tokens (a uniform random permutation of token positions, drawn
-    independently per image, layer and resample); experts, images and each image's region
-    composition stay as they are. Equivalently the tokens' expert contributions are permuted,
+    What is shuffled: within each image, the tokens' region fractions are permuted across that
+    image's tokens (a uniform random permutation of token positions, drawn independently per
+    image, token grid and resample; the MoE layers on one grid see the same shuffled labels);
+    experts, images and each image's region composition stay as they are. Equivalently the tokens' expert contributions are permuted,
     which is what is computed: ``J_null = sum_b F_b^T C_b[perm_b]`` exactly, with ``F_b [N, R]``
     the fractions and ``C_b [N, E]`` the expert contributions of image ``b``. Within-image
     shuffling keeps between-image confounds (an image with much background that also uses one
@@ -97,73 +114,65 @@ class PermutationNull:
     tested; region and token position are shuffled together, so routing that follows position
     alone also departs from this null (compare with ``--baseline init`` for that).
 
-    Images are kept by seeded reservoir sampling (at most ``max_images``; memory
-    ``max_images x tokens x (R + E)`` float32); the p-value compares the NMI of the kept images
-    with their null: ``p = (1 + #{null >= observed}) / (1 + resamples)``. Grouped NMIs (stage,
-    all layers) sum the per-layer null tables of the same resample.
+    Streaming and shard-invariant: the null is drawn on the images whose ids are in ``images``
+    (e.g. a seeded sample of the inputs, :func:`null_sample`; None: every image). Each image's
+    permutations come from its own generator, seeded by ``seed``, a hash of its id and the
+    token grid, and its observed and null tables are added to running sums as it passes, so memory
+    does not grow with the images, and the same images give the same null whatever the batching
+    or the split over ``torchrun`` ranks (the sums are added up, :func:`moescope.distributed.reduce_null`).
+    The p-value compares the NMI of the drawn images with their null:
+    ``p = (1 + #{null >= observed}) / (1 + resamples)``. Grouped NMIs (stage, all layers) sum
+    the per-layer null tables of the same resample.
     """
 
     def __init__(self, layers: Sequence[str], num_experts: int, num_regions: int, *, resamples: int = 200,
-                 max_images: int = 1000, seed: int = 0, count: str = "top1") -> None:
+                 images: Collection[str] | None = None, seed: int = 0, count: str = "top1") -> None:
         self.layers, self.num_experts, self.num_regions = list(layers), num_experts, num_regions
-        self.resamples, self.max_images, self.seed, self.count = resamples, max_images, seed, count
-        self._rng = np.random.default_rng([seed, 0x5EC])
-        self._fractions: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
-        self._contributions: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        self.resamples, self.seed, self.count = resamples, seed, count
+        self.images = None if images is None else frozenset(images)
+        self.observed = np.zeros((len(self.layers), num_regions, num_experts))
+        self.null = np.zeros((resamples, len(self.layers), num_regions, num_experts))
+        self.kept = 0
+        """Images the null is drawn on."""
         self.seen = 0
+        """Images passed to :meth:`update`."""
 
-    @property
-    def kept(self) -> int:
-        """Images in the reservoir."""
-        return len(self._fractions[self.layers[0]]) if self.layers else 0
-
-    def update(self, routing: Mapping[str, "LayerRouting"], fractions: Mapping[tuple[int, int], np.ndarray]) -> None:
-        """Add one batch (the arguments of :meth:`moescope.stats.regions.RegionRoutingCounts.update`)."""
-        present = [layer for layer in self.layers if layer in routing]
+    def update(self, routing: Mapping[str, "LayerRouting"], fractions: Mapping[tuple[int, int], np.ndarray],
+               ids: Sequence[str] | None = None) -> None:
+        """Add one batch (the arguments of :meth:`moescope.stats.regions.RegionRoutingCounts.update`
+        and the images' ``ids``, which select and seed the draws; without ids image ``i`` of the
+        run is drawn on and seeded by its position ``i``)."""
+        present = [(l, layer) for l, layer in enumerate(self.layers) if layer in routing]
         if not present:
             return
-        per_layer = {}
-        for layer in present:
-            r = routing[layer]
-            frac = fractions[r.grid].reshape(r.topk.shape[0], self.num_regions, -1).transpose(0, 2, 1)  # [B, N, R]
-            per_layer[layer] = (frac.astype(np.float32), r.contributions(self.count).astype(np.float32))
-        batch = per_layer[present[0]][0].shape[0]
-        for b in range(batch):
-            slot = self.seen if self.seen < self.max_images else int(self._rng.integers(0, self.seen + 1))
-            self.seen += 1
-            if slot >= self.max_images:
-                continue
-            for layer in present:
-                frac, contrib = per_layer[layer]
-                # copies: a view of one image would keep its whole batch's arrays alive (memory grew with images)
-                if slot == len(self._fractions[layer]):
-                    self._fractions[layer].append(frac[b].copy())
-                    self._contributions[layer].append(contrib[b].copy())
-                else:
-                    self._fractions[layer][slot] = frac[b].copy()
-                    self._contributions[layer][slot] = contrib[b].copy()
+        batch = routing[present[0][1]].topk.shape[0]
+        keys = [str(self.seen + b) for b in range(batch)] if ids is None else [str(i) for i in ids]
+        self.seen += batch
+        chosen = [b for b in range(batch) if self.images is None or keys[b] in self.images]
+        if not chosen:
+            return
+        self.kept += len(chosen)
+        grids: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        for l, layer in present:
+            grids.setdefault(routing[layer].grid, []).append((l, routing[layer].contributions(self.count)))  # [B, N, E]
+        for grid, members in grids.items():
+            frac = fractions[grid].reshape(batch, self.num_regions, -1).astype(np.float64)  # [B, R, N]
+            N = frac.shape[-1]
+            order = np.broadcast_to(np.arange(N), (self.resamples, N))
+            for b in chosen:
+                f = frac[b]
+                if self.resamples:
+                    perm = np.random.default_rng([self.seed, 0x9E11, _id_hash(keys[b]), *grid]).permuted(order, axis=1)
+                for l, contrib in members:
+                    c = contrib[b].astype(np.float64)
+                    self.observed[l] += f @ c
+                    if self.resamples:  # [E * S, N] @ [N, R] -> [E, S, R] -> [S, R, E]
+                        shuffled = np.take(np.ascontiguousarray(c.T), perm, axis=1).reshape(-1, N)
+                        self.null[:, l] += (shuffled @ f.T).reshape(-1, self.resamples, self.num_regions).transpose(1, 2, 0)
 
     def joints(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(observed [L, R, E], null [S, L, R, E])`` joint tables of the kept images."""
-        S, L = self.resamples, len(self.layers)
-        observed = np.zeros((L, self.num_regions, self.num_experts))
-        null = np.zeros((S, L, self.num_regions, self.num_experts))
-        rng = np.random.default_rng([self.seed, 0x9E11])
-        for l, layer in enumerate(self.layers):
-            if not self._fractions[layer]:
-                continue
-            frac = np.stack(self._fractions[layer]).astype(np.float64)  # [M, N, R]
-            contrib = np.stack(self._contributions[layer]).astype(np.float64)  # [M, N, E]
-            M, N, _ = frac.shape
-            flat = frac.reshape(M * N, -1).T  # [R, M*N]
-            tokens = contrib.reshape(M * N, -1)  # [M*N, E]
-            observed[l] = flat @ tokens
-            order = np.broadcast_to(np.arange(N), (M, N))
-            offsets = (np.arange(M) * N)[:, None]
-            for s in range(S):
-                perm = rng.permuted(order, axis=1)  # gathering flat rows is ~3x faster than take_along_axis, same values
-                null[s, l] = flat @ np.take(tokens, (perm + offsets).ravel(), axis=0)
-        return observed, null
+        """``(observed [L, R, E], null [S, L, R, E])`` joint tables of the drawn images."""
+        return self.observed, self.null
 
     def table(self, groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
         """Per group (name -> its layers): ``observed`` NMI of the kept images, ``null_mean``,
