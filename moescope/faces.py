@@ -50,6 +50,7 @@ __all__ = [
     "align_images",
     "alignment_preparation",
     "chunk_plan",
+    "common_root",
     "face_batches",
     "image_batches",
     "prepare_face",
@@ -392,7 +393,9 @@ def _gated(loaded, found, mode: str, input_size: int, stats: FaceStats) -> Itera
         yield image_id, image, prep
 
 
-def _common_root(paths: Sequence[Path]) -> Path | None:
+def common_root(paths: Sequence[Path]) -> Path | None:
+    """The deepest folder holding every one of ``paths`` (None if there is none): ``--save-aligned``
+    writes each view at its path relative to it, so names from different folders never collide."""
     try:
         return Path(os.path.commonpath([str(Path(p).parent) for p in paths])) if paths else None
     except ValueError:
@@ -503,17 +506,19 @@ def face_batches(
     progress: bool = True,
     align: str = "auto",
     save_aligned: str | os.PathLike | None = None,
+    save_root: Path | None = None,
 ) -> Iterator[ImageBatch]:
     """Batches of the face images in ``paths`` with their region fractions on every grid in ``grids``.
 
     Landmarks are found ``chunk_size`` images at a time (:func:`chunk_plan`); ``stats`` (updated in place) counts
     images found, analysed, without a face, rejected (per reason), aligned, unreadable.
-    ``align`` and ``save_aligned`` as :func:`region_preparation`.
+    ``align``, ``save_aligned`` and ``save_root`` as :func:`region_preparation` (default root:
+    :func:`common_root` of ``paths``; pass the root of all the images when ``paths`` is a share of them).
     """
     stats = stats if stats is not None else FaceStats()
     prepare = region_preparation(grids, input_size, region_source=region_source, assign=assign, stats=stats,
                                  workers=workers, progress=progress, align=align, save_aligned=save_aligned,
-                                 save_root=_common_root(paths) if save_aligned else None)
+                                 save_root=(save_root or common_root(paths)) if save_aligned else None)
     return image_batches(paths, input_size, chunk_plan(len(paths), batch_size, chunk_size), batch_size=batch_size,
                          prepare=prepare, stats=stats)
 

@@ -515,3 +515,19 @@ def test_no_similarity_puts_all_of_astronauts_five_points_within_3px(photos):
         for _ in range(10)
     )
     assert 4.5 < best < worst(x0)  # measured 5.21 < 6.62
+
+
+def test_cka_save_aligned_keeps_identity_folders_apart(tmp_path):
+    """Identity folders reuse file names (000.png ...): the views are written at their path
+    relative to the common folder, so none overwrites another."""
+    import shutil
+
+    from moescope.cli import main
+    from moescope.demo import demo_images_dir
+
+    for identity in sorted(p for p in demo_images_dir().iterdir() if p.is_dir())[:2]:
+        shutil.copytree(identity, tmp_path / "faces" / identity.name)
+    sources = sorted(p.relative_to(tmp_path / "faces") for p in (tmp_path / "faces").rglob("*.png"))
+    assert main(["cka", "--data", str(tmp_path / "faces"), "--save-aligned", str(tmp_path / "seen"), "--json"]) == 0
+    written = sorted(p.relative_to(tmp_path / "seen") for p in (tmp_path / "seen").rglob("*.png"))
+    assert written == sources and len({p.name for p in written}) < len(written)

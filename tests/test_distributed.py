@@ -272,13 +272,17 @@ def test_sharded_commands_under_two_gloo_processes_give_the_single_process_resul
         assert len(shares[0]) + len(shares[1]) == single["summary"]["probes"]
 
 
-def test_maps_under_torchrun_writes_each_aligned_view_once_named_as_one_process_does(identity_folders, tmp_path):
-    argv = ["maps", "--data", str(identity_folders), "--images", "6", "--batch-size", "2"]
+@pytest.mark.parametrize("command, options, views", [
+    ("maps", ["--images", "6", "--batch-size", "2"], 6),
+    ("regions", ["--batch-size", "4", "--null", "0", "--bootstrap", "0"], 16),
+])
+def test_under_torchrun_each_aligned_view_is_written_once_named_as_one_process_does(identity_folders, tmp_path, command, options, views):
+    argv = [command, "--data", str(identity_folders), *options]
     _single([*argv, "--save-aligned", str(tmp_path / "one")])
     _torchrun_traced([*argv, "--save-aligned", str(tmp_path / "two")], tmp_path)
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
-    assert len(one) == 6 and one == two
+    assert len(one) == views and one == two
     assert len({p.parent for p in one}) > 1, "views keep their identity folder"
 
 

@@ -28,7 +28,7 @@ from facemoe_model import moe_layers
 
 from .. import distributed
 from ..errors import CheckpointError, DataError, MoescopeError
-from ..faces import FaceStats, alignment_preparation, image_batches
+from ..faces import FaceStats, alignment_preparation, common_root, image_batches
 from ..features import drift_layers
 from ..forward import forward_passes
 from ..plotting import cka_by_depth
@@ -128,7 +128,7 @@ def analyse_drift(
     stats = FaceStats()
     models = (before, after)
     prepare = alignment_preparation(before.img_size, align=align, stats=stats, workers=None, progress=progress,
-                                    save_aligned=save_aligned, save_root=None)
+                                    save_aligned=save_aligned, save_root=common_root(paths) if save_aligned else None)
     batches = image_batches(mine, before.img_size, groups, min_images=MIN_BATCH, prepare=prepare, stats=stats)
     with tqdm(total=len(mine), desc="cka", unit="img", disable=not progress) as bar, contextlib.closing(
         forward_passes(models, batches, features=names, feature_mode=features, prefetch=2)

@@ -57,7 +57,7 @@ from facemoe_model.moe import ExpertOutputs, select_moe_layers
 
 from .. import distributed
 from ..errors import MoescopeError
-from ..faces import FaceStats, _common_root, alignment_preparation, image_batches, region_preparation
+from ..faces import FaceStats, alignment_preparation, common_root, image_batches, region_preparation
 from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
@@ -392,7 +392,7 @@ def analyse_maps(
     progress = progress and distributed.is_main()
     # --save-aligned: each rank writes the views of its images, named relative to the folder of all of them
     prepare = region_preparation(grids, size, region_source=region_source, stats=stats, workers=workers, progress=progress,
-                                 align=align, save_aligned=save_aligned, save_root=_common_root(paths) if save_aligned else None)
+                                 align=align, save_aligned=save_aligned, save_root=common_root(paths) if save_aligned else None)
     if probe_transform is not None and cases:
         base_prepare = prepare
         prepare = lambda loaded: [(i, probe_transform(im), f) for i, im, f in base_prepare(loaded)]  # noqa: E731

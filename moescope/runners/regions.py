@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import distributed
 from ..errors import MoescopeError
-from ..faces import PREFETCH_BATCHES, FaceStats, face_batches
+from ..faces import PREFETCH_BATCHES, FaceStats, common_root, face_batches
 from ..forward import Accumulator, forward_passes
 from ..plotting import region_routing_heatmap
 from ..results import AnalysisResult, atomic_path
@@ -118,6 +118,7 @@ def analyse_regions(
     batches = face_batches(  # torchrun: this rank's contiguous share, cut at batch boundaries
         distributed.shard(paths, batch_size), grids, input_size, batch_size=batch_size, region_source=region_source,
         assign=assign, stats=stats, workers=workers, progress=progress and distributed.is_main(), align=align, save_aligned=save_aligned,
+        save_root=common_root(paths) if save_aligned else None,
     )
 
     def tally(step) -> None:
