@@ -5,7 +5,7 @@ process, ``ru_maxrss`` at the end). The images are hard links cycling over a fol
 faces (the synthetic renderer; distinct files, the same pixels, so the landmark cache — keyed by
 content — is warm after the first run and only the image count changes). Streaming keeps sums,
 per-image count vectors for the bootstrap (a few floats per image) and the permutation null's
-bounded reservoir (``--null-images``), so the peak must stay flat.
+running sums, with at most a few batches in flight, so the peak must stay flat.
 
     python benchmarks/bench_analysis_memory.py [--images 1000 10000] [--commands regions cka] [--source-images 1600]
 """

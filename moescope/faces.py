@@ -159,8 +159,9 @@ class FaceStats(ImageStats):
         if self.multiple_faces:
             out.append(f"{len(self.multiple_faces)} image(s) hold more than one face: the largest was analysed, e.g. {self.multiple_faces[0]}")
         if self.low_face_share:
-            out.append(f"the face covers under {FACE_SHARE_WARNING:.0%} of the tokens in {len(self.low_face_share)} unaligned "
-                       f"image(s) (the model sees mostly background; --align auto aligns them), e.g. {self.low_face_share[0]}")
+            hint = "; --align auto aligns them" if self.align == "none" else "; --align always warps every face to the template"
+            out.append(f"the face covers under {FACE_SHARE_WARNING:.0%} of the tokens in {len(self.low_face_share)} image(s) "
+                       f"analysed as given (the model sees mostly background{hint}), e.g. {self.low_face_share[0]}")
         out += self.cache_problems
         return [" ".join(w.split()) for w in out]  # one line each, whatever the file names hold
 
