@@ -94,6 +94,30 @@ def test_prefetched_stops_and_closes_its_source_when_left_early():
     assert not [t for t in threading.enumerate() if t.name == "moescope-prefetch"]
 
 
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_accumulator_runs_calls_in_order_and_raises_their_first_error(depth):
+    from moescope.forward import Accumulator
+
+    seen, threads = [], set()
+    with Accumulator(depth) as acc:
+        for i in range(200):
+            acc.submit(lambda i=i: (seen.append(i), threads.add(threading.current_thread().name)))
+    assert seen == list(range(200))
+    assert threads == ({"moescope-accumulate"} if depth else {threading.current_thread().name})
+
+    def fail():
+        raise ValueError("mismatched expert counts")
+
+    done = []
+    with pytest.raises(ValueError, match="mismatched"):
+        with Accumulator(depth) as acc:
+            acc.submit(fail)
+            for i in range(50):
+                acc.submit(lambda i=i: done.append(i))
+    assert done == []  # nothing after the failing call runs
+    assert not [t for t in threading.enumerate() if t.name == "moescope-accumulate"]
+
+
 # --- fast start ----------------------------------------------------------------------------------
 
 _PROBE = (
