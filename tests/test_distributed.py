@@ -148,8 +148,18 @@ def _close(a, b, path="") -> list[str]:
     return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} vs {b!r}"]
 
 
+def _this_moescope() -> dict:
+    """The environment for a child process that imports the moescope this test imports (a
+    checkout or the installed package), whatever its working directory or script folder."""
+    import moescope
+
+    root = str(Path(moescope.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
 def _single(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "moescope", *argv, "--json"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "moescope", *argv, "--json"], capture_output=True, text=True, timeout=900,
+                          env=_this_moescope())
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
@@ -239,7 +249,7 @@ def _torchrun_traced(argv: list[str], tmp_path: Path, nproc: int = 2) -> tuple[l
     trace.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--log-dir", str(logs), "--redirects", "3", str(script), str(trace), *argv, "--json", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_this_moescope())
     errors = "".join(p.read_text() for p in sorted(logs.glob("*/attempt_0/*/stderr.log")))
     assert proc.returncode == 0, (proc.stderr + errors)[-3000:]
     stdout = [next(logs.glob(f"*/attempt_0/{r}/stdout.log")).read_text() for r in range(nproc)]
