@@ -232,17 +232,10 @@ def image_batches(
         group = list(group)
         loaded = read_images([paths[i] for i in group], stats)
         items = prepare(loaded) if prepare is not None else [(image_id, image, {}) for image_id, image in loaded]
-        if batch_size is None:  # the whole group
-            items = list(items)
-            if items and len(items) >= min_images:
-                yield batch(items, len(group))
-            elif items:
-                stats.dropped.append(len(items))
-            continue
         piece: list[Prepared] = []
         for item in items:  # prepared lazily: a batch leaves as soon as it is full
             piece.append(item)
-            if len(piece) == batch_size:
+            if len(piece) == batch_size:  # never, without a batch size: the whole group is one batch
                 yield batch(piece, len(group))
                 piece = []
         if piece and len(piece) >= min_images:
@@ -526,8 +519,10 @@ def face_batches(
 
 def chunk_plan(count: int, batch_size: int, chunk_size: int = CHUNK_SIZE) -> list[range]:
     """Index ranges of ``count`` images prepared together: one batch first (the model starts at
-    once), then ``chunk_size`` at a time."""
+    once), then about ``chunk_size`` at a time, always whole batches (so a ``torchrun`` rank's
+    share, cut at batch boundaries, is batched as one process batches it)."""
+    step = batch_size * max(1, chunk_size // batch_size)
     bounds = [0, min(batch_size, count)]
     while bounds[-1] < count:
-        bounds.append(min(bounds[-1] + chunk_size, count))
+        bounds.append(min(bounds[-1] + step, count))
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -34,6 +34,16 @@ def test_shards_cover_the_items_in_order_cut_at_blocks(n, block, world):
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("batch", [1, 16, 64, 100, 600])
+@pytest.mark.parametrize("n", [0, 1, 99, 513, 2000])
+def test_landmark_chunks_are_whole_batches_in_order(n, batch):
+    from moescope.faces import chunk_plan
+
+    chunks = chunk_plan(n, batch)
+    assert [i for c in chunks for i in c] == list(range(n))
+    assert all(c.stop % batch == 0 for c in chunks[:-1]) and (not chunks or len(chunks[0]) == min(batch, n))
+
+
 def test_shard_groups_re_indexes_whole_batches(monkeypatch):
     from moescope import distributed
 

@@ -57,7 +57,7 @@ from facemoe_model.moe import ExpertOutputs, select_moe_layers
 
 from .. import distributed
 from ..errors import MoescopeError
-from ..faces import FaceStats, alignment_preparation, common_root, image_batches, region_preparation
+from ..faces import FaceStats, alignment_preparation, chunk_plan, common_root, image_batches, region_preparation
 from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
@@ -399,9 +399,7 @@ def analyse_maps(
     # torchrun: this rank's contiguous share of whole batches; landmark chunks of whole batches,
     # so (without dropped images) every batch is the one a single process would make
     mine = distributed.shard(paths, batch_size)
-    chunk = batch_size * max(1, 512 // batch_size)
-    groups = (range(s, min(s + chunk, len(mine))) for s in range(0, len(mine), chunk))
-    batches = image_batches(mine, size, groups, batch_size=batch_size, prepare=prepare, stats=stats)
+    batches = image_batches(mine, size, chunk_plan(len(mine), batch_size), batch_size=batch_size, prepare=prepare, stats=stats)
 
     per_layer: dict[str, dict[str, list[np.ndarray]]] = {label: {} for label in labels}
     fractions: dict[tuple[int, int], list[np.ndarray]] = {}
