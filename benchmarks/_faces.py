@@ -19,11 +19,12 @@ def face_folder(images: int, *, seed: int = 3, per_identity: int = 10, workers: 
 
 def linked_folder(source: Path, images: int, out: Path) -> Path:
     """``out`` holding ``images`` hard links cycling over the PNGs of ``source`` (distinct names,
-    the same pixels: for memory measurements that need many files but not many renders)."""
+    the same pixels: for memory measurements that need many files but not many renders), in
+    identity folders of 10 as the generated faces are (``eval --data`` splits them)."""
     files = sorted(source.rglob("*.png"))
     out.mkdir(parents=True, exist_ok=True)
     for i in range(images):
-        target = out / f"{i // 1000:03d}" / f"{i:06d}.png"
+        target = out / f"{i // 10:05d}" / f"{i:06d}.png"
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
             try:

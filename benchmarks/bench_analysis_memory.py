@@ -7,7 +7,7 @@ content — is warm after the first run and only the image count changes). Strea
 per-image count vectors for the bootstrap (a few floats per image) and the permutation null's
 running sums, with at most a few batches in flight, so the peak must stay flat.
 
-    python benchmarks/bench_analysis_memory.py [--images 1000 10000] [--commands regions cka] [--source-images 1600]
+    python benchmarks/bench_analysis_memory.py [--images 1000 10000] [--commands regions cka eval maps] [--source-images 1600]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--commands", nargs="+", default=["regions", "cka"], choices=["regions", "cka", "eval"])
+    parser.add_argument("--commands", nargs="+", default=["regions", "cka", "eval", "maps"], choices=["regions", "cka", "eval", "maps"])
     parser.add_argument("--source", type=Path, help="face folder to link from (default: generated faces)")
     parser.add_argument("--source-images", type=int, default=1600, help="generated faces to link from")
     parser.add_argument("--threads", type=int, default=1)

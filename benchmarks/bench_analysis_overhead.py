@@ -63,6 +63,7 @@ def main() -> None:
     from _faces import face_folder
     from _timing import interleaved_medians
     from facemoe_model.data.images import list_images, preprocess, read_image
+    from moescope.choices import BATCH_SIZE
     from moescope.cli import main as cli
     from moescope.demo import DEFAULT_PAIR, load_model
 
@@ -95,7 +96,7 @@ def main() -> None:
 
     for name in ("regions", "cka") if args.only is None else (args.only,):
         if name == "regions":
-            models, batch, candidates = [load_model("demo:after").eval()], 64, {"regions": command("regions"), "regions --null 0": command("regions", "--null", "0")}
+            models, batch, candidates = [load_model("demo:after").eval()], BATCH_SIZE, {"regions": command("regions"), "regions --null 0": command("regions", "--null", "0")}
         else:
             models, batch, candidates = [load_model(s).eval() for s in DEFAULT_PAIR], 16, {"cka": command("cka")}
         start = time.perf_counter()

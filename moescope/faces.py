@@ -31,6 +31,7 @@ from facemoe_model.data.images import INPUT_SIZE, MAX_SIDE, preprocess, read_ima
 from facemoe_model.fileio import atomic_write
 
 from .align import ALIGN_MODES, REJECTION_REASONS, align_face, face_quality, warp_reduction
+from .choices import BATCH_SIZE
 from .errors import DataError
 
 __all__ = [
@@ -491,7 +492,7 @@ def face_batches(
     grids: Sequence[tuple[int, int]],
     input_size: int,
     *,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     region_source: str = "landmarks",
     assign: str = "soft",
     stats: FaceStats | None = None,

@@ -39,6 +39,7 @@ from facemoe_model.hooks import ExpertUsage
 from facemoe_model.inference import run_batches
 from facemoe_model.protocols import Degradation, EvaluationData, evaluate
 
+from .choices import BATCH_SIZE
 from .features import FeatureCapture
 from .stats.cka import FeatureMode
 from .trace import LayerRouting, RoutingTrace
@@ -162,9 +163,11 @@ def _malloc_trim():
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the operating system (glibc ``malloc_trim(0)``; a no-op
     elsewhere). A long analysis interleaves the model's large transient tensors with smaller
-    arrays of varying size, which fragments the heap: without this, peak RSS creeps up over the
-    first few thousand images (demo model, ``regions``: 1.27 GiB at 1,000 images, 1.56 GiB at
-    10,000); every :data:`TRIM_EVERY` images it stays near the working set (1.12 / 1.20 GiB)."""
+    arrays of varying size, which fragments the heap; every :data:`TRIM_EVERY` images the free
+    pages go back, so resident memory between batches stays near the working set. (The other
+    two causes of growth are bounded at their source: oneDNN's per-shape cache,
+    :data:`moescope.ONEDNN_CACHE_CAPACITY`, and expert activations of a different size in every
+    batch, :data:`moescope.choices.BATCH_SIZE`.)"""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -293,7 +296,7 @@ def evaluate_model(
     model: nn.Module,
     data: EvaluationData,
     *,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     flip: bool = True,
     probe_transform: Degradation | None = None,
     count_usage: bool = False,

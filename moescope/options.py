@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .choices import BATCH_SIZE
 from .demo import DEFAULT_CHECKPOINT, DEFAULT_PAIR, DEMO_IMAGES
 from .errors import MoescopeError
 
@@ -147,7 +148,7 @@ def add_evaluation_data(parser: argparse.ArgumentParser, *, aliases: bool = Fals
     group.add_argument("--root", metavar="DIR", help="image root of --pairs (default: the pairs file's folder)")
     group.add_argument("--lowres", type=int, metavar="S",
                        help="down-sample probes (second image of each pair) to S x S px and back; the gallery stays as is")
-    group.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
+    group.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help=f"images per forward pass (default {BATCH_SIZE})")
     group.add_argument("--no-flip", action="store_true", help="embed images alone instead of fusing them with their mirror image")
 
 

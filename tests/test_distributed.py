@@ -132,12 +132,12 @@ def test_accumulator_runs_calls_in_order_and_raises_their_first_error(depth):
 
 _PROBE = (
     "import sys\nfrom moescope.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-    "    print('HEAVY', sorted(m for m in ('torch', 'timm', 'mediapipe', 'seaborn') if m in sys.modules))\n"
+    "    print('HEAVY', sorted(m for m in ('torch', 'timm', 'mediapipe', 'seaborn', 'pandas') if m in sys.modules))\n"
 )
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["regions", "--batch-size", "x"], ["cka", "--features", "bogus"]])
-def test_help_and_argument_errors_import_no_torch(argv):
+def test_help_and_argument_errors_import_no_torch_or_pandas(argv):
     proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=300)
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-500:]
 

@@ -6,7 +6,7 @@ import argparse
 from ..cli import emit
 from ..demo import DEFAULT_CHECKPOINT
 from ..errors import MoescopeError
-from ..choices import ASSIGN_MODES, REGION_SOURCES
+from ..choices import ASSIGN_MODES, BATCH_SIZE, REGION_SOURCES
 from ..options import add_alignment_options, add_checkpoint, add_image_source, add_output, add_top_k, image_source, load_models, positive, split_names
 from ..choices import COUNT_MODES, GROUPINGS
 
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region-source", choices=REGION_SOURCES, default="landmarks",
                    help="images without a detected face: skip (landmarks, default) or label from the aligned-face template")
     add_top_k(p)
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help=f"images per forward pass (default {BATCH_SIZE})")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples over images for 95%% intervals (0 = off)")
     p.add_argument("--null", type=int, default=200, metavar="N",
                    help="permutation null of every NMI: N resamples shuffling region fractions across tokens within each "

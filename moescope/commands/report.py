@@ -14,7 +14,7 @@ DEFAULT_OUT = "moescope-report"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..runners.report import ANALYSES
+    from ..runners.report_sections import ANALYSES
 
     keys = ", ".join(f"{a.key} ({a.number})" for a in ANALYSES)
     p = sub.add_parser(

@@ -56,6 +56,7 @@ from facemoe_model.inference import eval_mode, model_device
 from facemoe_model.moe import ExpertOutputs, select_moe_layers
 
 from .. import distributed
+from ..choices import BATCH_SIZE
 from ..errors import MoescopeError
 from ..faces import FaceStats, alignment_preparation, chunk_plan, common_root, image_batches, region_preparation
 from ..forward import forward_passes
@@ -332,7 +333,7 @@ def analyse_maps(
     region_source: str = "landmarks",
     align: str = "auto",
     save_aligned: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     flip: bool = True,
     n_boot: int = 1000,
     seed: int = 0,

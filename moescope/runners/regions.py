@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..choices import BATCH_SIZE
 from ..errors import MoescopeError
 from ..faces import PREFETCH_BATCHES, FaceStats, common_root, face_batches
 from ..forward import Accumulator, forward_passes
@@ -75,7 +76,7 @@ def analyse_regions(
     count: str = "top1",
     assign: str = "soft",
     region_source: str = "landmarks",
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     n_boot: int = 1000,
     seed: int = 0,
     export_tokens: str | None = None,
