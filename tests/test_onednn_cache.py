@@ -28,7 +28,7 @@ model = load_model('demo:after').eval()
 g = torch.Generator().manual_seed(0)
 with torch.inference_mode():
     sizes = []
-    for i in range(60):
+    for i in range(120):
         model(torch.randn(16, 3, model.img_size, model.img_size, generator=g))  # new routing, new expert shapes
         sizes.append(rss_mib())
 print(json.dumps({'capacity': __import__('os').environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'],
@@ -55,8 +55,8 @@ def test_import_sets_the_capacity_unless_the_user_did():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_memory_stays_flat_over_batches_with_new_expert_shapes():
     unbounded = _run(_GROWTH, ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
-    if unbounded["growth"] < 30:
-        pytest.skip(f"this torch build does not grow per shape ({unbounded['growth']:.0f} MiB over 30 batches)")
+    if unbounded["growth"] < 40:
+        pytest.skip(f"this torch build does not grow per shape ({unbounded['growth']:.0f} MiB over 90 batches)")
     bounded = _run(_GROWTH)
     assert bounded["capacity"] == "64"
-    assert bounded["growth"] < unbounded["growth"] / 3, (bounded, unbounded)
+    assert bounded["growth"] < unbounded["growth"] / 2, (bounded, unbounded)  # heap noise: some 10-20 MiB
