@@ -39,7 +39,7 @@ from facemoe_model.hooks import ExpertUsage
 from facemoe_model.inference import run_batches
 from facemoe_model.protocols import Degradation, EvaluationData, evaluate
 
-from .choices import BATCH_SIZE
+from .choices import EVAL_BATCH_SIZE
 from .features import FeatureCapture
 from .stats.cka import FeatureMode
 from .trace import LayerRouting, RoutingTrace
@@ -167,7 +167,7 @@ def release_free_memory() -> None:
     pages go back, so resident memory between batches stays near the working set. (The other
     two causes of growth are bounded at their source: oneDNN's per-shape cache,
     :data:`moescope.ONEDNN_CACHE_CAPACITY`, and expert activations of a different size in every
-    batch, :data:`moescope.choices.BATCH_SIZE`.)"""
+    batch, :data:`moescope.choices.BATCH_SIZE` images per pass.)"""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -296,7 +296,7 @@ def evaluate_model(
     model: nn.Module,
     data: EvaluationData,
     *,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = EVAL_BATCH_SIZE,
     flip: bool = True,
     probe_transform: Degradation | None = None,
     count_usage: bool = False,

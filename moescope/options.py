@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .choices import BATCH_SIZE
+from .choices import EVAL_BATCH_SIZE
 from .demo import DEFAULT_CHECKPOINT, DEFAULT_PAIR, DEMO_IMAGES
 from .errors import MoescopeError
 
@@ -123,10 +123,11 @@ def add_alignment_options(parser: argparse.ArgumentParser) -> None:
 # --- evaluation data ---------------------------------------------------------------------------
 
 
-def add_evaluation_data(parser: argparse.ArgumentParser, *, aliases: bool = False) -> None:
+def add_evaluation_data(parser: argparse.ArgumentParser, *, aliases: bool = False, batch_size: int = EVAL_BATCH_SIZE) -> None:
     """The evaluation data and how it is embedded. ``aliases`` keeps ``ablate``'s older spelling
     ``--protocol FILE`` (= ``--pairs``) working, unlisted; its older ``--data SPLIT`` still works
-    (a ``--data`` folder holding ``gallery/`` is read as ``--split``)."""
+    (a ``--data`` folder holding ``gallery/`` is read as ``--split``). ``batch_size``: the
+    ``--batch-size`` default (images per batch; with the mirror images, twice that per pass)."""
     group = parser.add_argument_group("evaluation data (default: the bundled demo split)")
     source = group.add_mutually_exclusive_group()
     source.add_argument("--split", metavar="DIR", help="gallery/, probe/ (optional distractors/) folders; a pairs.txt there adds verification")
@@ -148,7 +149,8 @@ def add_evaluation_data(parser: argparse.ArgumentParser, *, aliases: bool = Fals
     group.add_argument("--root", metavar="DIR", help="image root of --pairs (default: the pairs file's folder)")
     group.add_argument("--lowres", type=int, metavar="S",
                        help="down-sample probes (second image of each pair) to S x S px and back; the gallery stays as is")
-    group.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help=f"images per forward pass (default {BATCH_SIZE})")
+    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                       help=f"images per batch (default {batch_size}); evaluation passes hold each with its mirror image unless --no-flip")
     group.add_argument("--no-flip", action="store_true", help="embed images alone instead of fusing them with their mirror image")
 
 

@@ -6,7 +6,7 @@ import argparse
 from ..cli import emit
 from ..demo import DEFAULT_CHECKPOINT
 from ..errors import MoescopeError
-from ..choices import REGION_SOURCES
+from ..choices import BATCH_SIZE, REGION_SOURCES
 from ..options import (
     add_checkpoint,
     add_evaluation_data,
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples over images for --cases intervals (default 1000)")
     add_alignment_options(p)
     add_top_k(p)
-    add_evaluation_data(p)
+    add_evaluation_data(p, batch_size=BATCH_SIZE)  # map passes take no mirror images
     p.add_argument("--workers", type=int, help="landmark worker processes (default: automatic)")
     add_output(p)
     p.set_defaults(run=run)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from facemoe_model.protocols import Degradation, EvaluationData
 
-from ..choices import BATCH_SIZE
+from ..choices import EVAL_BATCH_SIZE
 from ..distributed import is_main
 from ..forward import evaluate_model
 from ..interventions import BASELINE, Intervention
@@ -42,7 +42,7 @@ def ablate_experts(
     interventions: Sequence[Intervention],
     *,
     layers: Sequence[str] | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = EVAL_BATCH_SIZE,
     flip: bool = True,
     probe_transform: Degradation | None = None,
     progress: bool = True,

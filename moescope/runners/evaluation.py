@@ -21,7 +21,7 @@ from torch import nn
 
 from facemoe_model.protocols import DEFAULT_MAX_PAIRS, Degradation, EvaluationData, identity_protocols
 
-from ..choices import BATCH_SIZE
+from ..choices import EVAL_BATCH_SIZE
 from ..errors import DataError
 from ..forward import evaluate_model
 from ..results import AnalysisResult
@@ -214,7 +214,7 @@ def evaluate_checkpoint(
     data: EvaluationData,
     *,
     checkpoint: str,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = EVAL_BATCH_SIZE,
     flip: bool = True,
     probe_transform: Degradation | None = None,
     settings: dict | None = None,

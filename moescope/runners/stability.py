@@ -49,7 +49,7 @@ from facemoe_model.protocols import EmbeddingCache, EvaluationData
 
 from .. import distributed
 from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddings, run_attack
-from ..choices import BATCH_SIZE
+from ..choices import EVAL_BATCH_SIZE
 from ..errors import DataError, MoescopeError
 from ..forward import forward_passes
 from ..landmarks import detect_landmarks, template_landmarks
@@ -344,7 +344,7 @@ def probe_stability(
     command: str,
     loss: str | None = None,
     layers: Sequence[str] | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = EVAL_BATCH_SIZE,
     flip: bool = True,
     max_probes: int | None = None,
     seed: int = 0,
