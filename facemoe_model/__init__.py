@@ -7,7 +7,17 @@ alone: it never imports the ``moescope`` analysis toolkit built on it.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+ONEDNN_CACHE_CAPACITY = 64
+"""oneDNN primitive-cache entries (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, set here unless already
+set; oneDNN reads it when torch creates its first CPU primitive, after this package is
+imported). oneDNN keeps one compiled primitive per matmul shape, and each MoE expert gets a
+different token count in every batch, so with the default 1,024 entries (about 0.35 MB each) a
+long CPU run (analysis, evaluation, training) grows by some 400 MB before the cache is full; 64
+keeps the model's fixed shapes cached and memory flat."""
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
 if TYPE_CHECKING:  # imported lazily (PEP 562) so that ``facemoe_model.errors`` costs no torch import
     from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint

@@ -166,7 +166,7 @@ def release_free_memory() -> None:
     arrays of varying size, which fragments the heap; every :data:`TRIM_EVERY` images the free
     pages go back, so resident memory between batches stays near the working set. (The other
     two causes of growth are bounded at their source: oneDNN's per-shape cache,
-    :data:`moescope.ONEDNN_CACHE_CAPACITY`, and expert activations of a different size in every
+    :data:`facemoe_model.ONEDNN_CACHE_CAPACITY`, and expert activations of a different size in every
     batch, :data:`moescope.choices.BATCH_SIZE` images per pass.)"""
     trim = _malloc_trim()
     if trim is not None:

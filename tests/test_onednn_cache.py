@@ -1,9 +1,9 @@
-"""Importing moescope bounds oneDNN's primitive cache, so memory stays flat over a long CPU run.
+"""Importing the model package bounds oneDNN's primitive cache, so memory stays flat over a long CPU run.
 
 Each MoE expert sees a different number of tokens in every batch, and oneDNN keeps one compiled
 primitive per matmul shape; with its default 1,024 entries resident memory climbs batch after
 batch. The comparison runs the demo model on the same varied inputs with the default capacity
-and with moescope's, each in a fresh process.
+and with the package's, each in a fresh process.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import pytest
 
 _GROWTH = r"""
 import json, torch
-import moescope
-from moescope.demo import load_model
+from moescope.demo import load_model  # imports facemoe_model first
 
 def rss_mib():
     with open('/proc/self/status') as f:
@@ -45,10 +44,10 @@ def _run(code: str, **env: str) -> dict:
 
 
 def test_import_sets_the_capacity_unless_the_user_did():
-    code = "import json, os, moescope; print(json.dumps({'capacity': os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}))"
-    import moescope
+    code = "import json, os, facemoe_model; print(json.dumps({'capacity': os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}))"
+    import facemoe_model
 
-    assert _run(code)["capacity"] == str(moescope.ONEDNN_CACHE_CAPACITY)
+    assert _run(code)["capacity"] == str(facemoe_model.ONEDNN_CACHE_CAPACITY)
     assert _run(code, ONEDNN_PRIMITIVE_CACHE_CAPACITY="7")["capacity"] == "7"
 
 
