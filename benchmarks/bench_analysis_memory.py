@@ -8,6 +8,9 @@ per-image count vectors for the bootstrap (a few floats per image) and the permu
 running sums, with at most a few batches in flight, so the peak must stay flat.
 
     python benchmarks/bench_analysis_memory.py [--images 1000 10000] [--commands regions cka eval maps] [--source-images 1600]
+
+``ablate``, ``attack`` and ``degrade`` run one intervention / attack / degradation each
+(``OPTIONS`` below: the cost per image is what they add; the memory pattern is the command's).
 """
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+COMMANDS = ("regions", "cka", "eval", "maps", "ablate", "attack", "degrade")
+OPTIONS = {"ablate": ["--drop", "0"], "attack": ["--attack", "fgsm", "--eps", "8/255"], "degrade": ["--blur", "2"]}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--commands", nargs="+", default=["regions", "cka", "eval", "maps"], choices=["regions", "cka", "eval", "maps"])
+    parser.add_argument("--commands", nargs="+", default=["regions", "cka", "eval", "maps"], choices=COMMANDS)
     parser.add_argument("--source", type=Path, help="face folder to link from (default: generated faces)")
     parser.add_argument("--source-images", type=int, default=1600, help="generated faces to link from")
     parser.add_argument("--threads", type=int, default=1)
@@ -43,7 +49,7 @@ def main() -> None:
             for n in args.images:
                 folder = linked_folder(source, n, Path(tmp) / f"n{n}")
                 report = Path(tmp) / f"{command}-{n}.json"
-                subprocess.run([sys.executable, str(HERE / "_probe.py"), str(report), "--", command, "--data", str(folder), "--json"],
+                subprocess.run([sys.executable, str(HERE / "_probe.py"), str(report), "--", command, "--data", str(folder), *OPTIONS.get(command, []), "--json"],
                                env=env, check=True, stdout=subprocess.DEVNULL)
                 result = json.loads(report.read_text())
                 peaks[n] = result["peak_rss_mib"]

@@ -38,6 +38,7 @@ __all__ = [
     "reduce_cka",
     "reduce_null",
     "reduce_region_counts",
+    "reduce_region_mass",
     "reduce_stats",
     "reduce_usage",
     "shard",
@@ -215,6 +216,17 @@ def reduce_change(change) -> None:
     pieces = gather(change._sums)
     names = list(dict.fromkeys(name for p in pieces for name in p))
     change._sums = {name: sum(p[name] for p in pieces if name in p) for name in names}
+
+
+def reduce_region_mass(sums) -> None:
+    """Sum :class:`~moescope.stats.maps.RegionMass` (map mass and region area per group) over the
+    ranks, in place, adding the ranks' sums in rank order (the same on every rank)."""
+    if world_size() == 1:
+        return
+    pieces = gather(sums)
+    sums.mass, sums.area, sums.images = {}, {}, 0
+    for piece in pieces:
+        sums.merge(piece)
 
 
 def reduce_usage(counts: Mapping[str, "np.ndarray"] | None) -> dict[str, "np.ndarray"] | None:

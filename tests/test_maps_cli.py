@@ -258,3 +258,30 @@ def test_bad_options_are_one_line_errors(capsys, argv, message):
     assert main(["maps", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+# -- streaming ---------------------------------------------------------------------------------------
+def test_statistics_stream_over_batches_and_only_the_shown_maps_are_kept(small_folder):
+    """Batches of 3 keeping the figures' 2 images give the tables of one batch keeping all 8, and
+    the kept maps are those images' maps; with cases the first of each case are kept."""
+    from moescope.runners.maps import _split_from_folder
+
+    model = load_model("demo:after")
+    paths = sorted(small_folder.glob("*/*.png"))
+    full = analyse_maps([model], ["after"], paths, kind="weight", batch_size=8, keep_maps=len(paths), progress=False)
+    streamed = analyse_maps([model], ["after"], paths, kind="weight", batch_size=3, rows=2, progress=False)
+    assert len(full.image_ids) == 8 and streamed.image_ids == full.image_ids[:2]
+    assert list(streamed.tables["images"]["image"]) == full.image_ids
+    for name in ("region_mass", "concentration"):
+        a, b = streamed.tables[name], full.tables[name]
+        assert a.shape == b.shape and (a.select_dtypes(exclude="number") == b.select_dtypes(exclude="number")).all().all()
+        np.testing.assert_allclose(a.select_dtypes("number").to_numpy(), b.select_dtypes("number").to_numpy(), rtol=1e-5, atol=1e-7)
+    for group, m in streamed.maps["after"].items():
+        np.testing.assert_allclose(m, full.maps["after"][group][:2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(streamed.images, full.images[:2])
+
+    split = _split_from_folder(DEMO_IMAGES, model.img_size)
+    cases = analyse_maps([model], ["after"], cases=True, split=split, per_case=3, kind="routing", batch_size=2, rows=1, n_boot=0, progress=False)
+    assert cases.cases == ["success", "failure"] and len(cases.images) == 2
+    table = cases.tables["images"]
+    assert len(table) == 6 and cases.image_ids == [table[table["case"] == c]["image"].iloc[0] for c in ("success", "failure")]

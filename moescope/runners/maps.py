@@ -1,7 +1,8 @@
 """Expert activation maps (paper D / E, Figures 6 and 8): per image, per expert, on each MoE layer's grid.
 
 images -> faces (landmarks -> region fractions per token grid) -> forward passes -> maps ->
-statistics (:mod:`moescope.stats.maps`) -> :class:`MapsResult` (tables, figures, the maps as arrays).
+statistics (:mod:`moescope.stats.maps`, streamed batch by batch) -> :class:`MapsResult` (tables,
+figures, the maps of the images the figures show as arrays).
 
 Where each kind of map comes from (nothing is recomputed on the side):
 
@@ -28,10 +29,10 @@ uses), and the concentration numbers are compared between the cases with bootstr
 
 Under ``torchrun`` (:mod:`moescope.distributed`) each rank maps a contiguous share of the
 images, cut at batch boundaries (the landmark chunks are whole batches, so every batch holds
-the images one process would put in it); the per-image maps, fractions, ids and model views
-are gathered in rank order (= image order), the face statistics summed, and every rank
-computes the tables from the same arrays, so the result is the single-process one (the
-bootstrap resamples images of the gathered table). The references of the gradient maps and
+the images one process would put in it); the region-mass sums are added in rank order, the
+per-image concentration rows, ids and kept maps gathered in rank order (= image order), the face
+statistics summed, and every rank computes the tables from the same numbers, so the result is
+the single-process one (the bootstrap resamples images of the gathered table). The references of the gradient maps and
 the evaluation embeddings of ``cases`` are computed sharded and gathered too. Rank 0 alone
 shows progress; ``--save-aligned`` views are written by the rank that maps the image. Where
 images are dropped (no face, rejected), a single process refills a batch from later images of
@@ -58,11 +59,11 @@ from facemoe_model.moe import ExpertOutputs, select_moe_layers
 from .. import distributed
 from ..choices import BATCH_SIZE
 from ..errors import MoescopeError
-from ..faces import FaceStats, alignment_preparation, chunk_plan, common_root, image_batches, region_preparation
+from ..faces import PREFETCH_BATCHES, FaceStats, alignment_preparation, chunk_plan, common_root, image_batches, region_preparation
 from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
-from ..stats.maps import compare_cases, concentration_table, group_maps, region_mass_table, routing_maps, shared_scale, token_maps, upsample
+from ..stats.maps import RegionMass, compare_cases, concentration_table, group_maps, routing_maps, shared_scale, token_maps, upsample
 from ..trace import compatible_layers
 from .regions import checkpoint_labels
 
@@ -87,6 +88,10 @@ CASES = ("success", "failure")
 @dataclass
 class MapsResult(AnalysisResult):
     """An :class:`AnalysisResult` that also carries the maps (kept out of JSON and files).
+
+    The tables cover every analysed image; the arrays only the B images whose maps are kept
+    (``keep_maps`` of :func:`analyse_maps`: by default those the figures show), so memory stays
+    flat however many images are analysed. ``tables["images"]`` lists all of them.
 
     Attributes:
         maps: per checkpoint label, per group (layer or stage), ``float64 [B, E, rows, cols]``
@@ -195,15 +200,22 @@ def _folder_references(embeddings: dict[str, np.ndarray]) -> tuple[dict[str, np.
     use_identities = len({str(Path(i).parent) for i in ids}) > 1
     if len(ids) < 2:
         raise MoescopeError("gradient maps need at least two images: the score's reference is the mean embedding of the other images")
-    stack = np.stack([embeddings[i] for i in ids])
-    unit = stack / np.linalg.norm(stack, axis=1, keepdims=True)
+    unit = np.stack([embeddings[i] for i in ids])
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    # the mean of the others as (sum - own) / (count - 1): linear in the number of images
+    total = unit.sum(0)
+    members: dict[str, list[int]] = {}
+    for n, i in enumerate(ids):
+        members.setdefault(identities[i], []).append(n)
+    identity_sums = {name: unit[index].sum(0) for name, index in members.items()}
     refs, mates_used = {}, 0
     for n, i in enumerate(ids):
-        mates = [m for m, j in enumerate(ids) if j != i and use_identities and identities[j] == identities[i]]
-        if mates:
+        count = len(members[identities[i]])
+        if use_identities and count > 1:
             mates_used += 1
-        others = mates or [m for m in range(len(ids)) if m != n]
-        refs[i] = unit[others].mean(0)
+            refs[i] = (identity_sums[identities[i]] - unit[n]) / (count - 1)
+        else:
+            refs[i] = (total - unit[n]) / (len(ids) - 1)
     how = ("mean embedding of the other analysed images of the same identity (folder), "
            "else of all other analysed images") if use_identities else "mean embedding of the other analysed images (no identities)"
     return refs, f"{how}; {mates_used} of {len(ids)} images had an identity mate"
@@ -278,6 +290,58 @@ def _evaluation_cases(models, split, *, batch_size: int, flip: bool, probe_trans
 
 
 # -- the analysis ---------------------------------------------------------------------------------
+class _KeptMaps:
+    """The maps (and model views) of the images the figures show: the first ``keep`` images, and
+    with cases the first ``keep`` of each case. Everything else about an image is reduced to
+    sums and table rows as its batch passes, so memory does not grow with the image count."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.seen, self.seen_case = 0, {}
+        self.ids: list[str] = []
+        self.cases: list[str] = []
+        self.images: list[np.ndarray] = []
+        self.maps: dict[str, dict[str, list[np.ndarray]]] = {}
+
+    def select(self, count: int, cases: Sequence[str] | None) -> list[int]:
+        """Which of the next ``count`` images (with their ``cases``) to keep."""
+        chosen = []
+        for k in range(count):
+            case = cases[k] if cases else None
+            in_case = case is not None and self.seen_case.get(case, 0) < self.keep
+            if self.seen < self.keep or in_case:
+                chosen.append(k)
+            self.seen += 1
+            if case is not None:
+                self.seen_case[case] = self.seen_case.get(case, 0) + 1
+        return chosen
+
+    def append(self, index: list[int], ids, cases, images: np.ndarray, maps: dict[str, dict[str, np.ndarray]]) -> None:
+        """Keep images ``index`` of a batch (``images``: the kept ones' views already)."""
+        self.ids += [ids[k] for k in index]
+        self.cases += [cases[k] for k in index] if cases else []
+        self.images.append(images)
+        for label, grouped in maps.items():
+            for group, m in grouped.items():
+                self.maps.setdefault(label, {}).setdefault(group, []).append(m[index])
+
+    def arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        return {label: {g: np.concatenate(parts) for g, parts in grouped.items()} for label, grouped in self.maps.items()}
+
+    @classmethod
+    def joined(cls, parts: Sequence["_KeptMaps"]) -> "_KeptMaps":
+        """The ranks' kept maps in rank (= image) order, selected again as one process would."""
+        out = cls(parts[0].keep)
+        for part in parts:
+            if not part.ids:
+                continue
+            maps = part.arrays()
+            index = out.select(len(part.ids), part.cases or None)
+            if index:
+                out.append(index, part.ids, part.cases or None, np.concatenate(part.images)[index], maps)
+        return out
+
+
 def map_passes(
     models: Sequence[nn.Module], batches, kinds: Sequence[str], layers: Sequence[str] | None = None
 ):
@@ -291,7 +355,8 @@ def map_passes(
     routing_kinds = [k for k in kinds if k in _ROUTING_KIND]
     with contextlib.ExitStack() as stack:
         outputs = [stack.enter_context(ExpertOutputNorms(m, layers)) for m in models] if "output" in kinds else None
-        steps = stack.enter_context(contextlib.closing(forward_passes(models, batches, routing=bool(routing_kinds), layers=layers)))
+        steps = stack.enter_context(contextlib.closing(forward_passes(models, batches, routing=bool(routing_kinds), layers=layers,
+                                                                              prefetch=PREFETCH_BATCHES)))
         for step in steps:
             per_model = []
             for index, model_pass in enumerate(step.passes):
@@ -343,6 +408,7 @@ def analyse_maps(
     workers: int | None = None,
     progress: bool = True,
     data: str = "",
+    keep_maps: int | None = None,
 ) -> MapsResult:
     """Expert activation maps of ``kind`` for one model, or two side by side (``--compare``).
 
@@ -354,6 +420,12 @@ def analyse_maps(
     ``region_mass``, ``concentration``, ``images`` (and ``cases``), a Figure 6 layout ``maps``
     (the first ``rows`` images, of ``figure_group``: default the first group) and with
     ``cases`` a Figure 8 layout ``maps_cases`` (``rows`` images per case).
+
+    The statistics stream: each batch's maps are reduced to region-mass sums and concentration
+    rows as it passes; ``result.maps`` holds the first ``keep_maps`` images (and with ``cases``
+    the first ``keep_maps`` of each case; default and at least ``rows``, what the figures show).
+    Pass ``keep_maps=len(paths)`` for every image's maps (``8 * E * rows * cols`` bytes per image,
+    group and checkpoint).
     """
     if kind not in KINDS:
         raise MoescopeError(f"unknown map kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -402,19 +474,38 @@ def analyse_maps(
     mine = distributed.shard(paths, batch_size)
     batches = image_batches(mine, size, chunk_plan(len(mine), batch_size), batch_size=batch_size, prepare=prepare, stats=stats)
 
-    per_layer: dict[str, dict[str, list[np.ndarray]]] = {label: {} for label in labels}
-    fractions: dict[tuple[int, int], list[np.ndarray]] = {}
+    # streaming: region-mass sums per checkpoint (and case), per-image concentration rows; the
+    # maps themselves only of the images the figures show
+    image_case = (lambda batch_ids: [case_info.case[i] for i in batch_ids]) if case_info else (lambda batch_ids: None)
+    mass_sums = {(label, case): RegionMass() for label in labels for case in ("all", *(CASES if case_info else ()))}
+    conc_frames: dict[str, list[pd.DataFrame]] = {label: [] for label in labels}
     ids: list[str] = []
-    shown: list[np.ndarray] = []
+    kept = _KeptMaps(rows if keep_maps is None else max(keep_maps, rows))
+
+    def on_grid(grouped: dict[str, np.ndarray], fractions: dict[tuple[int, int], np.ndarray]) -> dict[str, np.ndarray]:
+        """Input maps pooled onto the finest token grid for the region numbers."""
+        if kind != "input":
+            return grouped
+        finest = max(fractions, key=lambda g: g[0] * g[1])
+        return {g: F.adaptive_avg_pool2d(torch.from_numpy(m), finest).numpy() for g, m in grouped.items()}
 
     def collect(batch, label_maps: list[dict[str, np.ndarray]]) -> None:
         ids.extend(batch.ids)
-        for grid, frac in batch.fractions.items():
-            fractions.setdefault(grid, []).append(frac)
-        shown.append(_display(batch.images))
+        cases_here = image_case(batch.ids)
+        grouped_maps = {}
         for label, maps in zip(labels, label_maps):
-            for name, m in maps.items():
-                per_layer[label].setdefault(name, []).append(m)
+            grouped = maps if kind == "input" else group_maps(maps, by)
+            grouped_maps[label] = grouped
+            stat_maps = on_grid(grouped, batch.fractions)
+            mass_sums[label, "all"].add(stat_maps, batch.fractions)
+            for case in CASES if cases_here else ():
+                index = [k for k, c in enumerate(cases_here) if c == case]
+                if index:
+                    mass_sums[label, case].add({g: m[index] for g, m in stat_maps.items()}, {g: f[index] for g, f in batch.fractions.items()})
+            conc_frames[label].append(concentration_table(stat_maps, batch.fractions, batch.ids))
+        index = kept.select(len(batch.ids), cases_here)
+        if index:
+            kept.append(index, batch.ids, cases_here, _display(batch.images[index]), grouped_maps)
 
     if gradient:
         for batch in batches:
@@ -427,64 +518,36 @@ def analyse_maps(
         for batch, label_maps in map_passes(models, batches, (kind,), names):
             collect(batch, [kinds[kind] for kinds in label_maps])
 
-    # torchrun: every rank's images in rank (= image) order, the face statistics summed
+    # torchrun: every rank's images in rank (= image) order, the sums and face statistics summed
     distributed.reduce_stats(stats)
+    for sums in mass_sums.values():
+        distributed.reduce_region_mass(sums)
     if distributed.world_size() > 1:
-        pieces = distributed.gather((ids, fractions, shown, per_layer))
+        pieces = distributed.gather((ids, conc_frames, kept))
         ids = [i for p in pieces for i in p[0]]
-        fractions = {}
-        for p in pieces:
-            for grid, parts in p[1].items():
-                fractions.setdefault(grid, []).extend(parts)
-        shown = [a for p in pieces for a in p[2]]
-        per_layer = {label: {} for label in labels}
-        for p in pieces:
-            for label, layer_maps in p[3].items():
-                for name, parts in layer_maps.items():
-                    per_layer[label].setdefault(name, []).extend(parts)
+        conc_frames = {label: [frame for p in pieces for frame in p[1][label]] for label in labels}
+        kept = _KeptMaps.joined([p[2] for p in pieces])
 
     if stats.analysed == 0:
         raise MoescopeError(
             f"no image could be analysed: {stats.found} found, {len(stats.no_face)} without a face, "
             f"{len(stats.unreadable)} unreadable (try --region-source template)"
         )
-    frac = {grid: np.concatenate(parts) for grid, parts in fractions.items()}
-    maps = {}
-    for label in labels:
-        joined = {name: np.concatenate(parts) for name, parts in per_layer[label].items()}
-        maps[label] = joined if kind == "input" else group_maps(joined, by)
-    images = np.concatenate(shown)
-    image_case = [case_info.case[i] for i in ids] if case_info else None
+    maps = kept.arrays()
+    images = np.concatenate(kept.images)
+    shown_ids, shown_case = kept.ids, kept.cases if case_info else None
+    all_cases = image_case(ids)
 
-    # the statistics: input maps are pooled onto the finest grid for the region numbers
-    finest = max(frac, key=lambda g: g[0] * g[1])
-
-    def on_grid(group_maps_: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if kind != "input":
-            return group_maps_
-        return {g: F.adaptive_avg_pool2d(torch.from_numpy(m), finest).numpy() for g, m in group_maps_.items()}
-
-    mass_frames, conc_frames = [], []
-    for label in labels:
-        grid_maps = on_grid(maps[label])
-        subsets = [(None, np.arange(len(ids)))]
-        if image_case:
-            subsets += [(c, np.flatnonzero(np.asarray(image_case) == c)) for c in CASES]
-        for case, index in subsets:
-            if len(index) == 0:
-                continue
-            sub_maps = {g: m[index] for g, m in grid_maps.items()}
-            sub_frac = {g: f[index] for g, f in frac.items()}
-            mass_frames.append(region_mass_table(sub_maps, sub_frac).assign(checkpoint=label, case=case or "all", images=len(index)))
-        conc = concentration_table(grid_maps, frac, ids).assign(checkpoint=label)
-        conc_frames.append(conc)
-    concentration = pd.concat(conc_frames, ignore_index=True)
+    mass_frames = [sums.table().assign(checkpoint=label, case=case, images=sums.images)
+                   for (label, case), sums in mass_sums.items() if sums.images]
+    conc_frames_all = [_group_major(pd.concat(conc_frames[label], ignore_index=True)).assign(checkpoint=label) for label in labels]
+    concentration = pd.concat(conc_frames_all, ignore_index=True)
     identity_of = (lambda i: case_info.identity[i]) if case_info else (lambda i: Path(i).parent.name)
     image_table = pd.DataFrame({"image": ids, "identity": [identity_of(i) for i in ids]})
     if case_info:
-        image_table["case"] = image_case
+        image_table["case"] = all_cases
         image_table["mate_rank"] = [case_info.rank[i] for i in ids]
-        concentration["case"] = concentration["image"].map(dict(zip(ids, image_case)))
+        concentration["case"] = concentration["image"].map(dict(zip(ids, all_cases)))
     tables: dict[str, pd.DataFrame] = {
         "region_mass": pd.concat(mass_frames, ignore_index=True)[["checkpoint", "case", "images", "group", "region", "expert", "mass", "region_tokens"]],
         "concentration": concentration,
@@ -498,7 +561,7 @@ def analyse_maps(
             part = concentration[concentration["checkpoint"] == label]
             compared.append(compare_cases(part, cases=CASES, n_boot=n_boot, seed=seed).assign(checkpoint=label))
         tables["cases"] = pd.concat(compared, ignore_index=True)
-        counts = pd.Series(image_case).value_counts()
+        counts = pd.Series(all_cases).value_counts()
         summary.update({"rank1_all_probes": case_info.rank1, "images_success": int(counts.get("success", 0)),
                         "images_failure": int(counts.get("failure", 0))})
         summary["failure_minus_success"] = _headline(tables["cases"])
@@ -507,9 +570,9 @@ def analyse_maps(
     group = figure_group or groups[0]
     if group not in groups:
         raise MoescopeError(f"no maps for group {group!r}; available: {', '.join(groups)}")
-    figures = {"maps": lambda: _figure6(maps, labels, group, images, ids, rows, kind, image_case)}
+    figures = {"maps": lambda: _figure6(maps, labels, group, images, shown_ids, rows, kind, shown_case)}
     if case_info:
-        figures["maps_cases"] = lambda: _figure8(maps[labels[0]][group], images, ids, image_case, rows, kind, group, labels[0], case_info)
+        figures["maps_cases"] = lambda: _figure8(maps[labels[0]][group], images, shown_ids, shown_case, rows, kind, group, labels[0], case_info)
 
     settings = {
         "labels": labels, "specs": list(specs), "data": data, "kind": kind, "map": KIND_TEXT[kind], "by": by,
@@ -530,8 +593,14 @@ def analyse_maps(
         command="maps",
         checkpoints=[getattr(m, "checkpoint_path", s) for m, s in zip(models, specs)],
         settings=settings, tables=tables, summary=summary, warnings=stats.warnings(), figures=figures,
-        maps=maps, image_ids=ids, images=images, cases=image_case,
+        maps=maps, image_ids=shown_ids, images=images, cases=shown_case,
     )
+
+
+def _group_major(table: pd.DataFrame) -> pd.DataFrame:
+    """Batch-by-batch concentration rows in group order, images in order within each group."""
+    order = {g: n for n, g in enumerate(dict.fromkeys(table["group"]))}
+    return table.iloc[np.argsort(table["group"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def _headline(cases_table: pd.DataFrame) -> list[dict]:

@@ -15,7 +15,7 @@ Routing maps (:func:`routing_maps`) come straight from what the layer computed:
 
 Statistics on any non-negative map (routing, expert output norms, ReLU'd Grad-CAM):
 
-* :func:`region_mass` / :func:`region_mass_table` — map mass per expert per facial region,
+* :func:`region_mass` / :func:`region_mass_table` (streaming: :class:`RegionMass`) — map mass per expert per facial region,
   normalised by region area: ``sum_b sum_n frac[b,r,n] map[b,e,n] / sum_b sum_n frac[b,r,n]``
   (the mean map value over the region's tokens, tokens split across regions by area). On
   ``top1`` maps this is the region routing table's top-1 share (``moescope regions --count top1``).
@@ -53,6 +53,7 @@ __all__ = [
     "group_maps",
     "region_sums",
     "region_mass",
+    "RegionMass",
     "region_mass_table",
     "concentration",
     "concentration_table",
@@ -149,6 +150,53 @@ def region_mass(maps: np.ndarray, fractions: np.ndarray, *, per_image: bool = Fa
     return np.divide(mass, area, out=np.full(mass.shape, np.nan), where=area > 0)
 
 
+class RegionMass:
+    """Streaming :func:`region_mass_table`: per group, the map mass per expert and region and the
+    regions' areas, summed over the batches :meth:`add` sees (a few floats, however many images).
+
+    Under ``torchrun`` each rank sums its images and :func:`moescope.distributed.reduce_region_mass`
+    adds the ranks' sums in rank order.
+    """
+
+    def __init__(self, regions: Sequence[str] = REGIONS) -> None:
+        self.regions = tuple(regions)
+        self.mass: dict[str, np.ndarray] = {}  # group -> [E, R]
+        self.area: dict[str, np.ndarray] = {}  # group -> [R]
+        self.images = 0
+
+    def add(self, maps: Mapping[str, np.ndarray], fractions: Mapping[tuple[int, int], np.ndarray]) -> None:
+        """Add a batch: ``maps`` per group ``[B, E, rows, cols]``, ``fractions`` per grid the
+        images' region fractions ``[B, R, rows, cols]`` (:func:`moescope.regions.pool_to_grid`)."""
+        count = None
+        for group, m in maps.items():
+            frac = fractions[tuple(np.shape(m)[2:])]
+            if frac.shape[1] != len(self.regions):
+                raise ValueError(f"region fractions have {frac.shape[1]} regions, expected {len(self.regions)}")
+            mass, area = region_sums(m, frac)
+            self.mass[group] = self.mass[group] + mass.sum(0) if group in self.mass else mass.sum(0)
+            self.area[group] = self.area[group] + area.sum(0) if group in self.area else area.sum(0)
+            count = mass.shape[0]
+        self.images += count or 0
+
+    def merge(self, other: "RegionMass") -> None:
+        """Add another accumulator's sums (another rank's images) to these."""
+        for group in other.mass:
+            self.mass[group] = self.mass[group] + other.mass[group] if group in self.mass else other.mass[group].copy()
+            self.area[group] = self.area[group] + other.area[group] if group in self.area else other.area[group].copy()
+        self.images += other.images
+
+    def table(self) -> pd.DataFrame:
+        """Tidy ``group, region, expert, mass, region_tokens`` (see :func:`region_mass_table`)."""
+        rows = []
+        for group, total in self.mass.items():
+            area = self.area[group]
+            mass = np.divide(total, area[None], out=np.full(total.shape, np.nan), where=area[None] > 0)
+            for r, region in enumerate(self.regions):
+                for e in range(total.shape[0]):
+                    rows.append({"group": group, "region": region, "expert": e, "mass": mass[e, r], "region_tokens": area[r]})
+        return pd.DataFrame(rows, columns=["group", "region", "expert", "mass", "region_tokens"])
+
+
 def region_mass_table(
     maps: Mapping[str, np.ndarray],
     fractions: Mapping[tuple[int, int], np.ndarray],
@@ -159,18 +207,11 @@ def region_mass_table(
 
     ``maps``: per group (layer or stage) ``[B, E, rows, cols]``; ``fractions``: per grid the
     images' region fractions ``[B, R, rows, cols]`` (:func:`moescope.regions.pool_to_grid`).
+    One batch of :class:`RegionMass`.
     """
-    rows = []
-    for group, m in maps.items():
-        frac = fractions[tuple(m.shape[2:])]
-        if frac.shape[1] != len(regions):
-            raise ValueError(f"region fractions have {frac.shape[1]} regions, expected {len(regions)}")
-        total, area = (a.sum(0) for a in region_sums(m, frac))
-        mass = np.divide(total, area[None], out=np.full(total.shape, np.nan), where=area[None] > 0)
-        for r, region in enumerate(regions):
-            for e in range(m.shape[1]):
-                rows.append({"group": group, "region": region, "expert": e, "mass": mass[e, r], "region_tokens": area[r]})
-    return pd.DataFrame(rows, columns=["group", "region", "expert", "mass", "region_tokens"])
+    sums = RegionMass(regions)
+    sums.add(maps, fractions)
+    return sums.table()
 
 
 def concentration(maps: np.ndarray, background: np.ndarray | None = None) -> dict[str, np.ndarray]:
