@@ -51,10 +51,10 @@ from .. import distributed
 from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddings, run_attack
 from ..choices import EVAL_BATCH_SIZE
 from ..errors import DataError, MoescopeError
-from ..forward import forward_passes
+from ..forward import TRIM_EVERY, forward_passes, release_free_memory
 from ..landmarks import detect_landmarks, template_landmarks
 from ..occlusion import RegionOcclusion
-from ..regions import REGIONS, pool_to_grid, region_masks
+from ..regions import REGIONS, pool_labels_to_grid, region_labels
 from ..results import AnalysisResult
 from ..stats.agreement import RoutingChange, routing_set_distance, top1_changed
 from ..stats.usage import usage_table
@@ -267,8 +267,8 @@ def _landmarks(images: list[np.ndarray], workers: int | None) -> tuple[list[np.n
 
 
 def _fractions(images: list[np.ndarray], landmarks: list[np.ndarray], grids: list[tuple[int, int]], size: int) -> dict:
-    masks = [region_masks(lm, *im.shape[:2]) for im, lm in zip(images, landmarks)]
-    return {g: np.stack([pool_to_grid(m, g, input_hw=(size, size)) for m in masks]) for g in grids}
+    labels = [region_labels(lm, *im.shape[:2]) for im, lm in zip(images, landmarks)]
+    return {g: np.stack([pool_labels_to_grid(lab, g, input_hw=(size, size)) for lab in labels]) for g in grids}
 
 
 def _first(routing: LayerRouting, n: int) -> LayerRouting:
@@ -396,8 +396,13 @@ def probe_stability(
     n = len(probes.sources)
     batches = distributed.shard(range(0, n, batch_size))  # torchrun: this rank's batches (global starts)
     bar = tqdm(total=len(batches) * len(runs), desc=command, unit="batch x setting", disable=not (progress and distributed.is_main()))
+    since_trim = 0
     for start in batches:
         index = list(range(start, min(start + batch_size, n)))
+        if since_trim >= TRIM_EVERY:  # one forward pass per call below: the heap hand-back is ours
+            release_free_memory()
+            since_trim = 0
+        since_trim += len(index)
         images = [_decode(probes.sources[i]) for i in index]
         landmarks, missed = _landmarks(images, workers)
         templated += missed
