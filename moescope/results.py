@@ -44,7 +44,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, pd.DataFrame):
-        return [to_jsonable(r) for r in value.to_dict(orient="records")]
+        return _records(value)
     if isinstance(value, np.ndarray):
         return to_jsonable(value.tolist())
     if isinstance(value, (np.integer,)):
@@ -59,6 +59,24 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         return to_jsonable(value.item())
     return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """``to_jsonable(frame.to_dict(orient="records"))``, converted column by column: one set of
+    row dicts instead of two (a per-image table of 10,000 images has about 100,000 rows)."""
+    keys = [str(c) for c in frame.columns]
+    columns = []
+    for index in range(frame.shape[1]):
+        column = frame.iloc[:, index]
+        kind = column.dtype.kind
+        if kind == "f":
+            values = [v if math.isfinite(v) else None for v in column.tolist()]
+        elif kind in "iub" and not isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
+            values = column.tolist()
+        else:
+            values = [None if v is pd.NA else to_jsonable(v) for v in column.tolist()]  # as to_dict boxes NA
+        columns.append(values)
+    return [dict(zip(keys, row)) for row in zip(*columns)]
 
 
 @dataclass

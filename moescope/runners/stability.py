@@ -27,6 +27,7 @@ so every rank computes the single-process tables; rank 0 alone shows progress. O
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -51,7 +52,8 @@ from .. import distributed
 from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddings, run_attack
 from ..choices import EVAL_BATCH_SIZE
 from ..errors import DataError, MoescopeError
-from ..forward import TRIM_EVERY, forward_passes, release_free_memory
+from ..faces import PREFETCH_BATCHES
+from ..forward import TRIM_EVERY, forward_passes, prefetched, release_free_memory
 from ..landmarks import detect_landmarks, template_landmarks
 from ..occlusion import RegionOcclusion
 from ..regions import REGIONS, pool_labels_to_grid, region_labels
@@ -396,39 +398,46 @@ def probe_stability(
     n = len(probes.sources)
     batches = distributed.shard(range(0, n, batch_size))  # torchrun: this rank's batches (global starts)
     bar = tqdm(total=len(batches) * len(runs), desc=command, unit="batch x setting", disable=not (progress and distributed.is_main()))
+
+    def inputs():
+        """Each batch decoded, its landmarks looked up and its region fractions pooled: made in
+        the prefetch thread while the model runs the batch before."""
+        for start in batches:
+            index = list(range(start, min(start + batch_size, n)))
+            images = [_decode(probes.sources[i]) for i in index]
+            landmarks, missed = _landmarks(images, workers)
+            fractions = _fractions(images, landmarks, grids, size)
+            yield start, index, images, landmarks, missed, fractions, torch.stack([to_unit_tensor(im, size) for im in images])
+
     since_trim = 0
-    for start in batches:
-        index = list(range(start, min(start + batch_size, n)))
-        if since_trim >= TRIM_EVERY:  # one forward pass per call below: the heap hand-back is ours
-            release_free_memory()
-            since_trim = 0
-        since_trim += len(index)
-        images = [_decode(probes.sources[i]) for i in index]
-        landmarks, missed = _landmarks(images, workers)
-        templated += missed
-        fractions = _fractions(images, landmarks, grids, size)
-        x01 = torch.stack([to_unit_tensor(im, size) for im in images])
-        clean_emb, clean_routing = _forward(model, x01, flip, layers)
-        for setting, acc in zip(runs, accs):
-            if setting is None:
-                routing, emb = clean_routing, clean_emb
-            else:
-                if isinstance(setting, AttackSetting):
-                    if all_references is not None:
-                        reference = all_references[index]
-                    else:
-                        reference = reference_embeddings(attack_loss, None, torch.from_numpy(clean_emb), None, None)
-                    outcome = run_attack(setting, embedder, attack_loss, x01, reference, seed=seed + start)
-                    perturbed = outcome.adversarial
-                    for key, values in (("loss_before", outcome.loss_before), ("loss_after", outcome.loss_after),
-                                        ("linf", outcome.linf), ("l2", outcome.l2)):
-                        acc.attack[key].append(values.cpu().numpy())
+    with contextlib.closing(prefetched(inputs(), PREFETCH_BATCHES)) as prepared:
+        for start, index, images, landmarks, missed, fractions, x01 in prepared:
+            if since_trim >= TRIM_EVERY:  # one forward pass per call below: the heap hand-back is ours
+                release_free_memory()
+                since_trim = 0
+            since_trim += len(index)
+            templated += missed
+            clean_emb, clean_routing = _forward(model, x01, flip, layers)
+            for setting, acc in zip(runs, accs):
+                if setting is None:
+                    routing, emb = clean_routing, clean_emb
                 else:
-                    degraded = setting.apply(images, landmarks, [seed * 1_000_003 + i for i in index])
-                    perturbed = torch.stack([to_unit_tensor(im, size) for im in degraded])
-                emb, routing = _forward(model, perturbed, flip, layers)
-            acc.update(clean_routing, routing, fractions, emb)
-            bar.update(1)
+                    if isinstance(setting, AttackSetting):
+                        if all_references is not None:
+                            reference = all_references[index]
+                        else:
+                            reference = reference_embeddings(attack_loss, None, torch.from_numpy(clean_emb), None, None)
+                        outcome = run_attack(setting, embedder, attack_loss, x01, reference, seed=seed + start)
+                        perturbed = outcome.adversarial
+                        for key, values in (("loss_before", outcome.loss_before), ("loss_after", outcome.loss_after),
+                                            ("linf", outcome.linf), ("l2", outcome.l2)):
+                            acc.attack[key].append(values.cpu().numpy())
+                    else:
+                        degraded = setting.apply(images, landmarks, [seed * 1_000_003 + i for i in index])
+                        perturbed = torch.stack([to_unit_tensor(im, size) for im in degraded])
+                    emb, routing = _forward(model, perturbed, flip, layers)
+                acc.update(clean_routing, routing, fractions, emb)
+                bar.update(1)
     bar.close()
     templated = _reduce(accs, templated)
 

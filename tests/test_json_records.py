@@ -1,0 +1,47 @@
+"""`--json` tables: the column-wise conversion equals pandas' own records, value for value."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moescope.results import AnalysisResult, to_jsonable
+
+
+def _reference(frame: pd.DataFrame) -> list[dict]:
+    return [to_jsonable(row) for row in frame.to_dict(orient="records")]
+
+
+def test_records_equal_pandas_records_for_every_column_kind():
+    rng = np.random.default_rng(0)
+    n = 50
+    floats = rng.normal(size=n)
+    floats[[3, 7]] = np.nan
+    floats[9] = np.inf
+    frame = pd.DataFrame({
+        "image": [f"id/{i:03d}.png" for i in range(n)],
+        "expert": np.arange(n) % 3,
+        "small": rng.integers(0, 5, n).astype(np.int8),
+        "mass": floats,
+        "single": floats.astype(np.float32),
+        "flag": rng.random(n) > 0.5,
+        "maybe": [None if i % 5 == 0 else float(i) for i in range(n)],
+        "path": [Path(f"/x/{i}") for i in range(n)],
+        "case": pd.Categorical(["success", "failure"] * (n // 2)),
+        "count": pd.array([None if i == 4 else i for i in range(n)], dtype="Int64"),
+    })
+    frame.columns = [*frame.columns[:-1], 7]  # a non-string label
+    mine = to_jsonable(frame)
+    reference = _reference(frame)
+    assert mine == reference
+    assert [type(v) for v in mine[1].values()] == [type(v) for v in reference[1].values()]
+    assert to_jsonable(frame.iloc[:0]) == [] and to_jsonable(frame[[]]) == _reference(frame[[]])
+
+
+def test_result_json_round_trips_a_per_image_table():
+    frame = pd.DataFrame({"image": ["a", "b"], "entropy": [0.5, np.nan], "expert": [0, 1]})
+    result = AnalysisResult(command="x", checkpoints=[], settings={}, tables={"t": frame}, summary={})
+    assert json.loads(result.to_json())["tables"]["t"] == [{"image": "a", "entropy": 0.5, "expert": 0},
+                                                          {"image": "b", "entropy": None, "expert": 1}]
