@@ -13,7 +13,9 @@ a pair replaced by its perturbed version; gallery images stay clean) per setting
 
 Settings run inside the batch loop (clean pass once per batch), so memory holds one batch of
 images plus, per setting, one embedding per probe and a few counters: flat over many probes.
-Attack steps free their graph (``run_attack``); routing is captured as detached numpy.
+Attack steps free their graph (``run_attack``); routing is captured as detached numpy. The next
+batches are decoded, looked up and pooled in a prefetch thread (:func:`moescope.forward.prefetched`)
+while the model runs, and the heap's free pages go back every ``TRIM_EVERY`` probes.
 
 Under ``torchrun`` (:mod:`moescope.distributed`) each rank perturbs a contiguous share of the
 probe batches (the batches are those of one process: same images, same global start index,
