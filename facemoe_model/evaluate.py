@@ -9,7 +9,7 @@ Accuracies, TAR and Rank-k are fractions in [0, 1].
 """
 from __future__ import annotations
 
-import itertools
+import collections
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -56,7 +56,12 @@ def _embed_batches(
 ) -> np.ndarray:
     """Embed image batches; image ``i`` (in order) gets random-routing key ``keys[i]`` (default ``i``), its mirror ``-1 - key``."""
 
-    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # Each batch's keys are queued as its inputs are made and taken when the model takes the
+    # batch. (itertools.tee of (inputs, keys) kept up to 57 whole input batches alive: its
+    # buffer blocks are freed only when both sides have passed all of a block's items.)
+    pending: collections.deque[torch.Tensor] = collections.deque()
+
+    def inputs() -> Iterator[torch.Tensor]:
         start = 0
         for images in batches:
             if keys is None:
@@ -64,14 +69,15 @@ def _embed_batches(
             else:
                 index = torch.as_tensor(keys[start : start + len(images)], dtype=torch.int64)
             start += len(images)
-            if flip:
-                yield torch.cat([images, images.flip(-1)]), torch.cat([index, -1 - index])
-            else:
-                yield images, index
+            pending.append(torch.cat([index, -1 - index]) if flip else index)
+            yield torch.cat([images, images.flip(-1)]) if flip else images
 
-    for_inputs, for_keys = itertools.tee(prepared())
+    def batch_keys() -> Iterator[torch.Tensor]:
+        while True:  # run_batches takes a batch's keys right after its inputs
+            yield pending.popleft()
+
     chunks = []
-    outputs = run_batches(model, (x for x, _ in for_inputs), device=device, keys=(k for _, k in for_keys))
+    outputs = run_batches(model, inputs(), device=device, keys=batch_keys())
     for output in outputs:
         output = output.float()
         embedding = output[: len(output) // 2] + output[len(output) // 2 :] if flip else output
