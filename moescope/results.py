@@ -24,7 +24,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,11 @@ def to_jsonable(value: Any) -> Any:
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """``to_jsonable(frame.to_dict(orient="records"))``, converted column by column: one set of
     row dicts instead of two (a per-image table of 10,000 images has about 100,000 rows)."""
+    return list(_rows(frame))
+
+
+def _rows(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    """The rows of :func:`_records`, one at a time."""
     keys = [str(c) for c in frame.columns]
     columns = []
     for index in range(frame.shape[1]):
@@ -76,7 +81,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
         else:
             values = [None if v is pd.NA else to_jsonable(v) for v in column.tolist()]  # as to_dict boxes NA
         columns.append(values)
-    return [dict(zip(keys, row)) for row in zip(*columns)]
+    return (dict(zip(keys, row)) for row in zip(*columns))
 
 
 @dataclass
@@ -122,7 +127,15 @@ class AnalysisResult:
         )
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_json_dict(), indent=indent, allow_nan=False)
+        """``json.dumps(self.to_json_dict())``. Compact (``indent=None``, as ``--json`` prints it)
+        each table row is written as it is converted, so no table is ever held as row dicts."""
+        if indent is not None:
+            return json.dumps(self.to_json_dict(), indent=indent, allow_nan=False)
+        head = json.dumps(to_jsonable({"command": self.command, "checkpoints": list(self.checkpoints), "settings": self.settings}), allow_nan=False)
+        tail = json.dumps(to_jsonable({"summary": self.summary, "warnings": list(self.warnings)}), allow_nan=False)
+        tables = ", ".join(f"{json.dumps(str(name))}: [{', '.join(json.dumps(row, allow_nan=False) for row in _rows(df))}]"
+                           for name, df in self.tables.items())
+        return f'{head[:-1]}, "tables": {{{tables}}}, {tail[1:]}'
 
     def _files(self) -> list[tuple[str, Callable[[str], Any]]]:
         """``(file name, writer(path))`` of every output file, in the order they are listed."""

@@ -45,3 +45,20 @@ def test_result_json_round_trips_a_per_image_table():
     result = AnalysisResult(command="x", checkpoints=[], settings={}, tables={"t": frame}, summary={})
     assert json.loads(result.to_json())["tables"]["t"] == [{"image": "a", "entropy": 0.5, "expert": 0},
                                                           {"image": "b", "entropy": None, "expert": 1}]
+
+
+def test_compact_json_is_json_dumps_of_the_dict():
+    """`--json` (compact) writes table rows one by one; the text is exactly json.dumps of the dict."""
+    tables = {
+        "empty": pd.DataFrame(columns=["a", "b"]),
+        "mixed": pd.DataFrame({"image": ["a/1.png", 'q"uote'], "x": [0.25, np.nan], "n": [1, 2], "ok": [True, False]}),
+        "no columns": pd.DataFrame(index=range(3)),
+    }
+    result = AnalysisResult(command="maps", checkpoints=[Path("/c.pt")], settings={"labels": ["after"], "eps": np.float64(0.5)},
+                            tables=tables, summary={"images": np.int64(2), "nan": float("nan")}, warnings=["w"])
+    text = result.to_json(indent=None)
+    assert text == json.dumps(result.to_json_dict(), allow_nan=False)
+    assert json.loads(text)["tables"]["mixed"][1] == {"image": 'q"uote', "x": None, "n": 2, "ok": False}
+    assert json.loads(result.to_json()) == json.loads(text)  # the indented file holds the same
+    empty = AnalysisResult(command="x", checkpoints=[], settings={}, tables={}, summary={})
+    assert empty.to_json(indent=None) == json.dumps(empty.to_json_dict())
