@@ -304,3 +304,13 @@ def test_pairs_alone_perturb_the_second_images(model):
     assert result.summary["probes"] == 60 and result.summary["gallery"] == 0
     with pytest.raises(MoescopeError, match="needs gallery identities"):
         attack_stability(model, pairs, [AttackSetting("fgsm")], loss="mate-away", max_probes=2, progress=False)
+
+
+def test_attack_on_own_identity_folders_takes_every_probe(capsys):
+    """The 100-probe default is for the bundled demo split only: --data DIR attacks all its probes."""
+    from moescope.demo import demo_images_dir
+
+    assert main(["attack", "--data", str(demo_images_dir()), "--attack", "fgsm", "--eps", "8/255", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    probes = payload["summary"]["probes"]
+    assert probes > 100 and "subsampled" not in " ".join(payload["settings"].get("notes", []) + payload["warnings"])

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                               decay=args.decay) for name in names for e in eps]
     if not settings:
         raise MoescopeError("--attack: name at least one of fgsm, pgd, mim")
-    demo = not (args.split or args.pairs or args.bin)
+    demo = not (args.split or args.pairs or args.bin or getattr(args, "eval_data", None))  # --data DIR: the user's faces, all of them
     max_probes = args.max_probes if args.max_probes is not None else (DEMO_PROBES if demo else None)
     (model,) = load_models([args.checkpoint], args)
     data = evaluation_data(args, model.img_size)
