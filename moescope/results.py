@@ -73,10 +73,10 @@ def _rows(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
     columns = []
     for index in range(frame.shape[1]):
         column = frame.iloc[:, index]
-        kind = column.dtype.kind
+        kind = "" if isinstance(column.dtype, pd.api.extensions.ExtensionDtype) else column.dtype.kind  # numpy dtypes
         if kind == "f":
             values = [v if math.isfinite(v) else None for v in column.tolist()]
-        elif kind in "iub" and not isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
+        elif kind and kind in "iub":
             values = column.tolist()
         else:
             values = [None if v is pd.NA else to_jsonable(v) for v in column.tolist()]  # as to_dict boxes NA

@@ -30,6 +30,7 @@ def test_records_equal_pandas_records_for_every_column_kind():
         "maybe": [None if i % 5 == 0 else float(i) for i in range(n)],
         "path": [Path(f"/x/{i}") for i in range(n)],
         "case": pd.Categorical(["success", "failure"] * (n // 2)),
+        "share": pd.array([None if i == 6 else i / 2 for i in range(n)], dtype="Float64"),
         "count": pd.array([None if i == 4 else i for i in range(n)], dtype="Int64"),
     })
     frame.columns = [*frame.columns[:-1], 7]  # a non-string label
