@@ -173,6 +173,19 @@ def release_free_memory() -> None:
         trim(0)
 
 
+_images_since_hand_back = 0
+
+
+def _count_towards_hand_back(images: int) -> None:
+    """Count the images of forward passes, across calls (attack and degrade make one call per
+    batch), and hand the free heap back every :data:`TRIM_EVERY` of them."""
+    global _images_since_hand_back
+    if _images_since_hand_back >= TRIM_EVERY:
+        release_free_memory()
+        _images_since_hand_back = 0
+    _images_since_hand_back += images
+
+
 class Accumulator:
     """Work handed off to one background thread, in order (e.g. updating streaming counts with
     each batch's routing while the model runs the next batch): :meth:`submit` queues a call,
@@ -269,12 +282,8 @@ def forward_passes(
 
         runners = [stack.enter_context(contextlib.closing(run_batches(m, feed(), grad=grad, with_inputs=True))) for m in models]
         source = stack.enter_context(contextlib.closing(prefetched(batches, prefetch))) if prefetch > 0 else batches
-        since_trim = 0
         for batch in source:
-            if since_trim >= TRIM_EVERY:
-                release_free_memory()
-                since_trim = 0
-            since_trim += len(_images(batch))
+            _count_towards_hand_back(len(_images(batch)))
             current[:] = [_images(batch)]
             passes = []
             for runner, trace, capture in zip(runners, traces, captures):

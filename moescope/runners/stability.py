@@ -15,7 +15,8 @@ Settings run inside the batch loop (clean pass once per batch), so memory holds 
 images plus, per setting, one embedding per probe and a few counters: flat over many probes.
 Attack steps free their graph (``run_attack``); routing is captured as detached numpy. The next
 batches are decoded, looked up and pooled in a prefetch thread (:func:`moescope.forward.prefetched`)
-while the model runs, and the heap's free pages go back every ``TRIM_EVERY`` probes.
+while the model runs; :func:`~moescope.forward.forward_passes` hands the free heap back every
+``TRIM_EVERY`` images across its calls.
 
 Under ``torchrun`` (:mod:`moescope.distributed`) each rank perturbs a contiguous share of the
 probe batches (the batches are those of one process: same images, same global start index,
@@ -55,7 +56,7 @@ from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddi
 from ..choices import EVAL_BATCH_SIZE
 from ..errors import DataError, MoescopeError
 from ..faces import PREFETCH_BATCHES
-from ..forward import TRIM_EVERY, forward_passes, prefetched, release_free_memory
+from ..forward import forward_passes, prefetched
 from ..landmarks import detect_landmarks, template_landmarks
 from ..occlusion import RegionOcclusion
 from ..regions import REGIONS, pool_labels_to_grid, region_labels
@@ -411,13 +412,8 @@ def probe_stability(
             fractions = _fractions(images, landmarks, grids, size)
             yield start, index, images, landmarks, missed, fractions, torch.stack([to_unit_tensor(im, size) for im in images])
 
-    since_trim = 0
     with contextlib.closing(prefetched(inputs(), PREFETCH_BATCHES)) as prepared:
         for start, index, images, landmarks, missed, fractions, x01 in prepared:
-            if since_trim >= TRIM_EVERY:  # one forward pass per call below: the heap hand-back is ours
-                release_free_memory()
-                since_trim = 0
-            since_trim += len(index)
             templated += missed
             clean_emb, clean_routing = _forward(model, x01, flip, layers)
             for setting, acc in zip(runs, accs):
