@@ -173,16 +173,16 @@ class RegionMass:
             if frac.shape[1] != len(self.regions):
                 raise ValueError(f"region fractions have {frac.shape[1]} regions, expected {len(self.regions)}")
             mass, area = region_sums(m, frac)
-            self.mass[group] = self.mass[group] + mass.sum(0) if group in self.mass else mass.sum(0)
-            self.area[group] = self.area[group] + area.sum(0) if group in self.area else area.sum(0)
+            self.mass[group] = self.mass.get(group, 0) + mass.sum(0)
+            self.area[group] = self.area.get(group, 0) + area.sum(0)
             count = mass.shape[0]
         self.images += count or 0
 
     def merge(self, other: "RegionMass") -> None:
         """Add another accumulator's sums (another rank's images) to these."""
         for group in other.mass:
-            self.mass[group] = self.mass[group] + other.mass[group] if group in self.mass else other.mass[group].copy()
-            self.area[group] = self.area[group] + other.area[group] if group in self.area else other.area[group].copy()
+            self.mass[group] = self.mass.get(group, 0) + other.mass[group]  # a new array: no sharing with other
+            self.area[group] = self.area.get(group, 0) + other.area[group]
         self.images += other.images
 
     def table(self) -> pd.DataFrame:
