@@ -30,8 +30,10 @@ SOURCES = make.sources()
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 LAST_DIGITS = 3
 """Units of the last shown digit two numbers may differ by (measured across two CPUs: up to 2)."""
-RTOL = 1e-6
-"""Relative difference allowed for numbers shown with more digits (float32 rounding)."""
+RTOL = 2e-4
+"""Relative difference allowed for numbers shown with more digits: float32 rounding, which another
+torch build carries further (torch 2.14.1 against the build that made notebooks 00 and 01 before:
+up to 1.1e-4, shares of router weight; every integer and text equal)."""
 
 
 def _last_digit(token: str) -> float:
@@ -59,7 +61,9 @@ def same_up_to_rounding(fresh: str, committed: str) -> bool:
 def test_same_up_to_rounding():
     assert same_up_to_rounding("<td>34.638</td> NMI 0.05029289404132", "<td>34.640</td> NMI 0.05029289404073")
     assert same_up_to_rounding("6.824613e+06", "6.824612e+06")
-    assert not same_up_to_rounding("<td>34.650</td>", "<td>34.640</td>")  # 10 units of the last digit
+    assert not same_up_to_rounding("<td>34.680</td>", "<td>34.640</td>")  # 40 units of the last digit, 1.2e-3
+    assert same_up_to_rounding("31.874179", "31.870568")  # another torch build (1.1e-4)
+    assert not same_up_to_rounding("31.880568", "31.870568")  # 3.1e-4
     assert not same_up_to_rounding("<td>0.80</td>", "<td>0.70</td>")
     assert not same_up_to_rounding("Expert 1", "Expert 2")  # integers are exact
     assert not same_up_to_rounding("layers.1", "layers.0")  # names are text
