@@ -34,8 +34,8 @@ Everything is measured on the model as it is, through public mechanisms only:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
+import logging
 import math
 import os
 import platform
@@ -50,6 +50,10 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which warns on a CUDA build without a
+# GPU that it found a CUDA_HOME; nothing here compiles an extension, so that line is only noise.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -57,6 +61,7 @@ from facemoe_model.inference import eval_mode, model_device
 from facemoe_model.moe import RoutingOverride, moe_layers, override_routing
 
 from .errors import MoescopeError
+from .forward import release_free_memory
 from .results import AnalysisResult
 from .trace import RoutingTrace
 
@@ -258,13 +263,9 @@ def _reset_rss_peak() -> bool:
 
 
 def _release_free_heap() -> None:
-    """Hand freed heap back to the OS (glibc ``malloc_trim``) so the RSS baseline is honest."""
+    """Collect garbage and hand the freed heap back to the OS so the RSS baseline is honest."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    release_free_memory()
 
 
 def _maxrss_bytes() -> int:

@@ -28,6 +28,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -145,10 +146,13 @@ def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         thread.join(timeout=1.0 if interrupted else None)
 
 
-TRIM_EVERY = 512
-"""Images between two hand-backs of freed heap memory (:func:`release_free_memory`): rare enough
-that re-faulting the pages handed back costs little (each hand-back makes the next batches touch
-fresh pages), often enough to keep fragmentation from building up."""
+HAND_BACK_EVERY_S = 2.0
+"""Seconds between two hand-backs of freed heap memory (:func:`release_free_memory`), checked
+before each batch of :func:`forward_passes`. A hand-back and re-faulting the pages it returned cost
+some tens of milliseconds, so a clock rather than an image count keeps that to 1-2% of the time
+whatever a batch costs: a plain forward (``regions``, about 400 images between hand-backs) or an
+attack's forward and backward passes (about every batch, where each batch fragments the heap the
+most)."""
 
 
 @functools.cache
@@ -163,8 +167,8 @@ def _malloc_trim():
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the operating system (glibc ``malloc_trim(0)``; a no-op
     elsewhere). A long analysis interleaves the model's large transient tensors with smaller
-    arrays of varying size, which fragments the heap; every :data:`TRIM_EVERY` images the free
-    pages go back, so resident memory between batches stays near the working set. (The other
+    arrays of varying size, which fragments the heap; every :data:`HAND_BACK_EVERY_S` seconds the
+    free pages go back, so resident memory between batches stays near the working set. (The other
     two causes of growth are bounded at their source: oneDNN's per-shape cache,
     :data:`facemoe_model.ONEDNN_CACHE_CAPACITY`, and expert activations of a different size in every
     batch, :data:`moescope.choices.BATCH_SIZE` images per pass.)"""
@@ -173,17 +177,19 @@ def release_free_memory() -> None:
         trim(0)
 
 
-_images_since_hand_back = 0
+_next_hand_back: float | None = None
 
 
-def _count_towards_hand_back(images: int) -> None:
-    """Count the images of forward passes, across calls (attack and degrade make one call per
-    batch), and hand the free heap back every :data:`TRIM_EVERY` of them."""
-    global _images_since_hand_back
-    if _images_since_hand_back >= TRIM_EVERY:
+def _hand_back_when_due() -> None:
+    """Hand the free heap back if :data:`HAND_BACK_EVERY_S` have passed since the last time (one
+    clock across :func:`forward_passes` calls: attack and degrade make one call per batch)."""
+    global _next_hand_back
+    now = time.monotonic()
+    if _next_hand_back is not None and now >= _next_hand_back:
         release_free_memory()
-        _images_since_hand_back = 0
-    _images_since_hand_back += images
+        now = time.monotonic()
+    if _next_hand_back is None or now >= _next_hand_back:
+        _next_hand_back = now + HAND_BACK_EVERY_S
 
 
 class Accumulator:
@@ -283,7 +289,7 @@ def forward_passes(
         runners = [stack.enter_context(contextlib.closing(run_batches(m, feed(), grad=grad, with_inputs=True))) for m in models]
         source = stack.enter_context(contextlib.closing(prefetched(batches, prefetch))) if prefetch > 0 else batches
         for batch in source:
-            _count_towards_hand_back(len(_images(batch)))
+            _hand_back_when_due()
             current[:] = [_images(batch)]
             passes = []
             for runner, trace, capture in zip(runners, traces, captures):

@@ -127,6 +127,23 @@ def test_forward_passes_without_grad_equal_a_plain_traced_pass(model):
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+def test_forward_passes_hand_the_heap_back_by_the_clock(model, monkeypatch):
+    import moescope.forward as forward
+
+    calls = []
+    monkeypatch.setattr(forward, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(forward, "_next_hand_back", None)
+    x = torch.zeros(2, 3, model.img_size, model.img_size)
+    monkeypatch.setattr(forward, "HAND_BACK_EVERY_S", 0.0)
+    for _ in range(3):  # one call per batch, as attack and degrade make: the clock spans calls
+        list(forward.forward_passes([model], [x, x]))
+    assert len(calls) == 5  # every batch but the one that starts the clock
+    monkeypatch.setattr(forward, "HAND_BACK_EVERY_S", 3600.0)
+    monkeypatch.setattr(forward, "_next_hand_back", None)
+    list(forward.forward_passes([model], [x] * 4))
+    assert len(calls) == 5
+
+
 def test_forward_passes_grad_path_and_restored_modes():
     from facemoe_model.data.images import normalise, to_unit_tensor
     from moescope.forward import forward_passes

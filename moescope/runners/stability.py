@@ -16,7 +16,7 @@ images plus, per setting, one embedding per probe and a few counters: flat over 
 Attack steps free their graph (``run_attack``); routing is captured as detached numpy. The next
 batches are decoded, looked up and pooled in a prefetch thread (:func:`moescope.forward.prefetched`)
 while the model runs; :func:`~moescope.forward.forward_passes` hands the free heap back every
-``TRIM_EVERY`` images across its calls.
+``HAND_BACK_EVERY_S`` seconds across its calls (about every batch here).
 
 Under ``torchrun`` (:mod:`moescope.distributed`) each rank perturbs a contiguous share of the
 probe batches (the batches are those of one process: same images, same global start index,
