@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import DataError
 from .inference import run_batches
+from .rows import RowBuffer
 
 __all__ = [
     "FARS",
@@ -76,13 +77,13 @@ def _embed_batches(
         while True:  # run_batches takes a batch's keys right after its inputs
             yield pending.popleft()
 
-    chunks = []
+    embeddings = RowBuffer()  # one block, not one small array per batch (see facemoe_model.rows)
     outputs = run_batches(model, inputs(), device=device, keys=batch_keys())
     for output in outputs:
         output = output.float()
         embedding = output[: len(output) // 2] + output[len(output) // 2 :] if flip else output
-        chunks.append(F.normalize(embedding, dim=1).cpu())
-    return torch.cat(chunks).numpy()
+        embeddings.append(F.normalize(embedding, dim=1).cpu().numpy())
+    return embeddings.array
 
 
 def embed_images(

@@ -158,12 +158,14 @@ def reduce_region_counts(counts) -> None:
         return
     import numpy as np
 
+    from facemoe_model.rows import RowBuffer
+
     counts.counts = sum_arrays(counts.counts)
     counts.layer_counts = sum_arrays(counts.layer_counts)
-    pieces = gather((counts.rank_counts, counts.per_image, counts.images))
+    pieces = gather((counts.rank_counts, counts.per_image.array, counts.images))
     ranks = [p[0] for p in pieces if p[0] is not None]
     counts.rank_counts = np.sum(ranks, axis=0) if ranks else None
-    counts.per_image = [array for p in pieces for array in p[1]]
+    counts.per_image = RowBuffer.joined(p[1] for p in pieces)
     counts.images = int(sum(p[2] for p in pieces))
 
 

@@ -50,6 +50,7 @@ from facemoe_model.data.images import decode_image, normalise, read_image, to_un
 from facemoe_model.data.transforms import DownUp, GaussianBlur, GaussianNoise, JpegCompression
 from facemoe_model.evaluate import identification_metrics, verification_metrics
 from facemoe_model.protocols import EmbeddingCache, EvaluationData
+from facemoe_model.rows import RowBuffer
 
 from .. import distributed
 from ..attacks import AttackSetting, EmbeddingModel, get_loss, reference_embeddings, run_attack
@@ -296,19 +297,24 @@ def _forward(model: nn.Module, x01: torch.Tensor, flip: bool, layers) -> tuple[n
 # --- the runner ---------------------------------------------------------------------------------
 
 
+ATTACK_VALUES = ("loss_before", "loss_after", "linf", "l2")
+"""The per-probe values an attack setting keeps (:class:`~moescope.attacks.AttackOutcome` fields)."""
+
+
 @dataclass
 class _Acc:
-    """What one setting accumulates over the probes."""
+    """What one setting accumulates over the probes (per-probe rows in :class:`RowBuffer` blocks)."""
 
     change: RoutingChange = dataclasses.field(default_factory=RoutingChange)
     regions: RegionRoutingChange = dataclasses.field(default_factory=RegionRoutingChange)
     counts: dict = dataclasses.field(default_factory=dict)
-    embeddings: list = dataclasses.field(default_factory=list)
-    attack: dict = dataclasses.field(default_factory=lambda: {"loss_before": [], "loss_after": [], "linf": [], "l2": []})
+    embeddings: RowBuffer = dataclasses.field(default_factory=RowBuffer)
+    attack: dict[str, RowBuffer] = dataclasses.field(default_factory=lambda: {k: RowBuffer() for k in ATTACK_VALUES})
 
     def state(self) -> tuple:
         """What :func:`_reduce` sums / gathers over the ranks."""
-        return self.change._sums, self.regions._sums, self.counts, self.embeddings, self.attack
+        return (self.change._sums, self.regions._sums, self.counts, self.embeddings.array,
+                {k: v.array for k, v in self.attack.items()})
 
     def update(self, clean: dict, routing: dict, fractions: dict, embeddings: np.ndarray) -> None:
         self.change.update(clean, routing)
@@ -336,8 +342,8 @@ def _reduce(accs: Sequence[_Acc], templated: int) -> int:
         acc.change._sums = _summed([st[0] for st in states])
         acc.regions._sums = _summed([st[1] for st in states])
         acc.counts = _summed([st[2] for st in states])
-        acc.embeddings = [e for st in states for e in st[3]]
-        acc.attack = {key: [v for st in states for v in st[4][key]] for key in acc.attack}
+        acc.embeddings = RowBuffer.joined(st[3] for st in states)
+        acc.attack = {key: RowBuffer.joined(st[4][key] for st in states) for key in acc.attack}
     return int(sum(p[1] for p in pieces))
 
 
@@ -427,9 +433,8 @@ def probe_stability(
                             reference = reference_embeddings(attack_loss, None, torch.from_numpy(clean_emb), None, None)
                         outcome = run_attack(setting, embedder, attack_loss, x01, reference, seed=seed + start)
                         perturbed = outcome.adversarial
-                        for key, values in (("loss_before", outcome.loss_before), ("loss_after", outcome.loss_after),
-                                            ("linf", outcome.linf), ("l2", outcome.l2)):
-                            acc.attack[key].append(values.cpu().numpy())
+                        for key in ATTACK_VALUES:
+                            acc.attack[key].append(getattr(outcome, key).cpu().numpy())
                     else:
                         degraded = setting.apply(images, landmarks, [seed * 1_000_003 + i for i in index])
                         perturbed = torch.stack([to_unit_tensor(im, size) for im in degraded])
@@ -452,7 +457,7 @@ def probe_stability(
         pair_keep = (image_of[pairs.pairs] != -2).all(axis=1)  # pairs with a probe left out by subsampling go
         pair_rows = np.flatnonzero(image_of >= 0), image_of[image_of >= 0]
         others = np.flatnonzero(image_of == -1)  # pair images off the probe side: clean (the gallery's are cached)
-        clean_pairs = np.zeros((len(pairs.sources), accs[0].embeddings[0].shape[1]), dtype=np.float32)
+        clean_pairs = np.zeros((len(pairs.sources), accs[0].embeddings.array.shape[1]), dtype=np.float32)
         if len(others):
             rest = copy.copy(pairs)
             rest.sources, rest.labels = [pairs.sources[i] for i in others], pairs.labels[others]
@@ -464,7 +469,7 @@ def probe_stability(
     clean_total = None
     for setting, acc in zip(runs, accs):
         desc = _describe(setting)
-        probe_emb = np.concatenate(acc.embeddings)
+        probe_emb = acc.embeddings.array
         figures: dict[str, dict[str, float]] = {}
         if data.split is not None:
             figures["identification"] = identification_metrics(probe_emb, probes.labels, gallery_emb, data.split.gallery.labels)
@@ -490,7 +495,7 @@ def probe_stability(
         }
         if attacks:
             if isinstance(setting, AttackSetting):
-                a = {k: np.concatenate(v) for k, v in acc.attack.items()}
+                a = {k: v.array for k, v in acc.attack.items()}
                 row.update({"loss before": float(a["loss_before"].mean()), "loss after": float(a["loss_after"].mean()),
                             "Linf mean (x255)": float(a["linf"].mean() * 255), "Linf max (x255)": float(a["linf"].max() * 255),
                             "L2 mean": float(a["l2"].mean()),

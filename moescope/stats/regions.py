@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from facemoe_model.geometry import REGIONS
+from facemoe_model.rows import RowBuffer
 
 from .specialisation import mutual_information, specialisation_table
 
@@ -78,7 +79,8 @@ class RegionRoutingCounts:
     regions: tuple[str, ...] = REGIONS
     counts: np.ndarray = field(init=False)
     rank_counts: np.ndarray | None = field(init=False, default=None)
-    per_image: list[np.ndarray] = field(init=False, default_factory=list)
+    per_image: RowBuffer = field(init=False, default_factory=RowBuffer)
+    """``[images, G, R, E]`` float32: each image's counts, for the bootstrap."""
     images: int = field(init=False, default=0)
     layer_counts: np.ndarray = field(init=False)
     """``[L, R, E]``: the counts of every MoE layer apart (whatever ``by``), for the per-layer view."""
@@ -127,7 +129,7 @@ class RegionRoutingCounts:
     # -- tables ------------------------------------------------------------------------------
     def bootstrap(self, n_boot: int = 1000, seed: int = 0, chunk: int = 200) -> tuple[np.ndarray, np.ndarray]:
         """95% percentile intervals of the percentages, resampling images with replacement."""
-        per_image = np.concatenate(self.per_image) if self.per_image else np.zeros((0, *self.counts.shape))
+        per_image = self.per_image.array if len(self.per_image) else np.zeros((0, *self.counts.shape))
         n = per_image.shape[0]
         if n < 2 or n_boot <= 0:
             nan = np.full(self.counts.shape, np.nan)
