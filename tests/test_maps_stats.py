@@ -12,6 +12,7 @@ import torch
 
 from facemoe_model.geometry import REGIONS
 from moescope.stats.maps import (
+    ConcentrationRows,
     compare_cases,
     concentration,
     concentration_table,
@@ -236,6 +237,31 @@ def test_concentration_table_is_tidy():
     assert row["face_share"] == pytest.approx(direct["face_share"][1, 2])
     assert table[["image", "group", "expert"]].duplicated().sum() == 0
     assert concentration_table(maps, None, ["a", "b"])["face_share"].isna().all()
+
+
+def test_streamed_concentration_rows_equal_the_table_of_all_images():
+    """Batches added one by one (and split over two 'ranks', then joined) give the table of all
+    images at once: group by group, images and experts in order, the same values."""
+    rng = np.random.default_rng(6)
+    n = 7
+    maps = {"layers.0": rng.random((n, 3, 4, 4)), "layers.1": rng.random((n, 3, 2, 2))}
+    maps["layers.0"][2, 1] = 0.0  # an expert that saw none of an image's tokens: NaN entropy
+    fractions = {(4, 4): random_fractions(rng, n, (4, 4)), (2, 2): random_fractions(rng, n, (2, 2))}
+    ids = [f"{i}.png" for i in range(n)]
+    whole = concentration_table(maps, fractions, ids)
+
+    def rows(start, stop, step):
+        part = ConcentrationRows()
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            part.add({g: m[a:b] for g, m in maps.items()}, {k: f[a:b] for k, f in fractions.items()}, ids[a:b])
+        return part
+
+    pd.testing.assert_frame_equal(rows(0, n, 2).table(), whole)
+    pd.testing.assert_frame_equal(ConcentrationRows.joined([rows(0, 4, 3), ConcentrationRows(), rows(4, n, 1)]).table(), whole)
+    assert whole["entropy_bits"].isna().sum() == 1
+    with pytest.raises(ValueError, match="groups"):
+        rows(0, 2, 2).add({"layers.1": maps["layers.1"][:1]}, fractions, ids[:1])
 
 
 def test_region_mass_is_area_normalised():

@@ -63,7 +63,7 @@ from ..faces import PREFETCH_BATCHES, FaceStats, alignment_preparation, chunk_pl
 from ..forward import forward_passes
 from ..results import AnalysisResult
 from ..stats.regions import layer_group
-from ..stats.maps import RegionMass, compare_cases, concentration_table, group_maps, routing_maps, shared_scale, token_maps, upsample
+from ..stats.maps import ConcentrationRows, RegionMass, compare_cases, group_maps, routing_maps, shared_scale, token_maps, upsample
 from ..trace import compatible_layers
 from .regions import checkpoint_labels
 
@@ -478,7 +478,7 @@ def analyse_maps(
     # maps themselves only of the images the figures show
     image_case = (lambda batch_ids: [case_info.case[i] for i in batch_ids]) if case_info else (lambda batch_ids: None)
     mass_sums = {(label, case): RegionMass() for label in labels for case in ("all", *(CASES if case_info else ()))}
-    conc_frames: dict[str, list[pd.DataFrame]] = {label: [] for label in labels}
+    concentration_rows = {label: ConcentrationRows() for label in labels}
     ids: list[str] = []
     kept = _KeptMaps(rows if keep_maps is None else max(keep_maps, rows))
 
@@ -502,7 +502,7 @@ def analyse_maps(
                 index = [k for k, c in enumerate(cases_here) if c == case]
                 if index:
                     mass_sums[label, case].add({g: m[index] for g, m in stat_maps.items()}, {g: f[index] for g, f in batch.fractions.items()})
-            conc_frames[label].append(concentration_table(stat_maps, batch.fractions, batch.ids))
+            concentration_rows[label].add(stat_maps, batch.fractions, batch.ids)
         index = kept.select(len(batch.ids), cases_here)
         if index:
             kept.append(index, batch.ids, cases_here, _display(batch.images[index]), grouped_maps)
@@ -523,9 +523,9 @@ def analyse_maps(
     for sums in mass_sums.values():
         distributed.reduce_region_mass(sums)
     if distributed.world_size() > 1:
-        pieces = distributed.gather((ids, conc_frames, kept))
+        pieces = distributed.gather((ids, concentration_rows, kept))
         ids = [i for p in pieces for i in p[0]]
-        conc_frames = {label: [frame for p in pieces for frame in p[1][label]] for label in labels}
+        concentration_rows = {label: ConcentrationRows.joined([p[1][label] for p in pieces]) for label in labels}
         kept = _KeptMaps.joined([p[2] for p in pieces])
 
     if stats.analysed == 0:
@@ -540,8 +540,7 @@ def analyse_maps(
 
     mass_frames = [sums.table().assign(checkpoint=label, case=case, images=sums.images)
                    for (label, case), sums in mass_sums.items() if sums.images]
-    conc_frames_all = [_group_major(pd.concat(conc_frames[label], ignore_index=True)).assign(checkpoint=label) for label in labels]
-    concentration = pd.concat(conc_frames_all, ignore_index=True)
+    concentration = pd.concat([concentration_rows[label].table().assign(checkpoint=label) for label in labels], ignore_index=True)
     identity_of = (lambda i: case_info.identity[i]) if case_info else (lambda i: Path(i).parent.name)
     image_table = pd.DataFrame({"image": ids, "identity": [identity_of(i) for i in ids]})
     if case_info:
@@ -595,12 +594,6 @@ def analyse_maps(
         settings=settings, tables=tables, summary=summary, warnings=stats.warnings(), figures=figures,
         maps=maps, image_ids=shown_ids, images=images, cases=shown_case,
     )
-
-
-def _group_major(table: pd.DataFrame) -> pd.DataFrame:
-    """Batch-by-batch concentration rows in group order, images in order within each group."""
-    order = {g: n for n, g in enumerate(dict.fromkeys(table["group"]))}
-    return table.iloc[np.argsort(table["group"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def _headline(cases_table: pd.DataFrame) -> list[dict]:

@@ -19,7 +19,7 @@ Statistics on any non-negative map (routing, expert output norms, ReLU'd Grad-CA
   normalised by region area: ``sum_b sum_n frac[b,r,n] map[b,e,n] / sum_b sum_n frac[b,r,n]``
   (the mean map value over the region's tokens, tokens split across regions by area). On
   ``top1`` maps this is the region routing table's top-1 share (``moescope regions --count top1``).
-* :func:`concentration` / :func:`concentration_table` — per image and expert: entropy of the
+* :func:`concentration` / :func:`concentration_table` (streaming: :class:`ConcentrationRows`) — per image and expert: entropy of the
   map normalised to a distribution over tokens (bits, and divided by ``log2 N``: 1 = uniform,
   i.e. diffuse; 0 = one token), and the share of the map's mass on the face vs on
   ``hair_background`` (with that region's area share for reference: a uniform map has
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from facemoe_model.geometry import REGIONS
+from facemoe_model.rows import RowBuffer
 
 from .regions import layer_group
 
@@ -57,6 +58,7 @@ __all__ = [
     "region_mass_table",
     "concentration",
     "concentration_table",
+    "ConcentrationRows",
     "compare_cases",
     "upsample",
     "shared_scale",
@@ -64,6 +66,7 @@ __all__ = [
 
 ROUTING_KINDS = ("top1", "topk", "weight", "prob")
 CONCENTRATION_METRICS = ("mass", "entropy_bits", "entropy_normalised", "face_share", "background_share")
+_CONCENTRATION_VALUES = (*CONCENTRATION_METRICS, "background_area")
 
 
 def token_maps(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -262,25 +265,68 @@ def concentration_table(
 ) -> pd.DataFrame:
     """Tidy per image, group and expert: ``image, group, expert, mass, entropy_bits,
     entropy_normalised, face_share, background_share, background_area`` (:func:`concentration`;
-    the share columns are NaN without ``fractions``)."""
-    frames = []
-    for group, m in maps.items():
-        bg = None
-        if fractions is not None:
-            frac = np.asarray(fractions[tuple(m.shape[2:])])
-            bg = frac[:, list(regions).index(background)]
-        stats = concentration(m, bg)
-        b, e = m.shape[:2]
-        if len(image_ids) != b:
-            raise ValueError(f"{len(image_ids)} image ids for {b} maps")
-        data = {"image": np.repeat(np.asarray(image_ids, dtype=object), e), "group": group, "expert": np.tile(np.arange(e), b)}
-        for key in (*CONCENTRATION_METRICS, "background_area"):
-            value = stats.get(key)
-            if key == "background_area" and value is not None:
-                value = np.repeat(value, e)
-            data[key] = np.full(b * e, np.nan) if value is None else np.asarray(value).reshape(-1)
-        frames.append(pd.DataFrame(data))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image", "group", "expert", *CONCENTRATION_METRICS, "background_area"])
+    the share columns are NaN without ``fractions``), group by group."""
+    rows = ConcentrationRows(regions=regions, background=background)
+    rows.add(maps, fractions, image_ids)
+    return rows.table()
+
+
+class ConcentrationRows:
+    """:func:`concentration_table` over a stream of batches: :meth:`add` each batch's maps, then
+    :meth:`table` has the rows of all of them, group by group, images in order within a group.
+
+    The numbers are kept as one :class:`~facemoe_model.rows.RowBuffer` ``[images, E, 6]`` per
+    group (not one table per batch, whose small arrays would stay scattered over the heap).
+    """
+
+    def __init__(self, *, regions: Sequence[str] = REGIONS, background: str = "hair_background") -> None:
+        self.regions, self.background = tuple(regions), background
+        self.ids: list[str] = []
+        self.values: dict[str, RowBuffer] = {}
+
+    def add(self, maps: Mapping[str, np.ndarray], fractions: Mapping[tuple[int, int], np.ndarray] | None, image_ids: Sequence[str]) -> None:
+        """One batch: ``maps`` per group ``[B, E, rows, cols]``, ``fractions`` per token grid
+        ``[B, R, rows, cols]`` (or None: NaN shares), ``B`` image ids; every batch has the same groups."""
+        if maps and self.values and list(maps) != list(self.values):
+            raise ValueError(f"groups {list(maps)} differ from the earlier batches' {list(self.values)}")
+        for group, m in maps.items():
+            b, e = np.shape(m)[:2]
+            if len(image_ids) != b:
+                raise ValueError(f"{len(image_ids)} image ids for {b} maps")
+            bg = None
+            if fractions is not None:
+                bg = np.asarray(fractions[tuple(np.shape(m)[2:])])[:, self.regions.index(self.background)]
+            stats = concentration(m, bg)
+            if "background_area" in stats:
+                stats["background_area"] = np.repeat(stats["background_area"][:, None], e, axis=1)
+            columns = [stats[key] if key in stats else np.full((b, e), np.nan) for key in _CONCENTRATION_VALUES]
+            self.values.setdefault(group, RowBuffer()).append(np.stack(columns, axis=-1))
+        self.ids.extend(image_ids)
+
+    @classmethod
+    def joined(cls, parts: Sequence["ConcentrationRows"]) -> "ConcentrationRows":
+        """The rows of ``parts`` (e.g. the torchrun ranks, in rank order) one after another."""
+        out = cls(regions=parts[0].regions, background=parts[0].background) if parts else cls()
+        for part in parts:
+            out.ids.extend(part.ids)
+        groups = dict.fromkeys(g for part in parts for g in part.values)
+        out.values = {g: RowBuffer.joined(part.values[g] for part in parts if g in part.values) for g in groups}
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """``image, group, expert, mass, entropy_bits, entropy_normalised, face_share,
+        background_share, background_area``: group by group, images in order, experts in order."""
+        if not self.values:
+            return pd.DataFrame(columns=["image", "group", "expert", *_CONCENTRATION_VALUES])
+        ids = np.asarray(self.ids, dtype=object)
+        frames = []
+        for group, buffer in self.values.items():
+            values = buffer.array
+            n, e = values.shape[:2]
+            data = {"image": np.repeat(ids, e), "group": group, "expert": np.tile(np.arange(e), n)}
+            data.update(zip(_CONCENTRATION_VALUES, values.reshape(n * e, -1).T))
+            frames.append(pd.DataFrame(data))
+        return pd.concat(frames, ignore_index=True)
 
 
 def _boot_means(values: np.ndarray, n_boot: int, rng: np.random.Generator, chunk: int = 200) -> np.ndarray:
