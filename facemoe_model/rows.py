@@ -1,14 +1,12 @@
 """Per-item rows collected batch by batch into one contiguous, geometrically growing array.
 
-Streaming loops that keep a few values per image (embeddings, per-image counts, attack norms)
-used to append one small array per batch and concatenate them at the end. Each of those arrays
-lives for the whole run, and each was allocated between the large, short-lived tensors of its
-batch, so after a few hundred batches small live blocks are scattered all over the heap; glibc
-cannot reuse the gaps between them for the next batch's tensors and extends the heap instead,
-so peak memory grew with the number of images (an ``attack`` run over 4,000 probes: heap
-550 -> 730 MiB with per-batch arrays, flat at about 505 MiB without). A :class:`RowBuffer`
-holds the rows in one block that doubles when full: a handful of allocations per run, the large
-ones served by ``mmap`` outside the heap.
+Streaming loops keep a few values per image (embeddings, per-image counts, attack norms). One
+small array per batch, concatenated at the end, leaves a long-lived block between each batch's
+large short-lived tensors; after a few hundred batches such blocks are scattered over the whole
+heap, glibc cannot reuse the gaps between them and extends the heap instead, and peak memory
+grows with the number of images (``attack`` over 4,000 probes: heap 550 -> 727 MiB; with a
+:class:`RowBuffer`, flat at about 510). A :class:`RowBuffer` holds the rows in one block that
+doubles when full: a handful of allocations per run, the large ones served by ``mmap``.
 """
 from __future__ import annotations
 
