@@ -50,7 +50,8 @@ def emit(result, args: argparse.Namespace, render) -> None:
     if written is not None:
         print(f"wrote {len(written)} files to {one_line(args.out)}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(result.to_json(indent=None))
+        result.write_json(sys.stdout)
+        sys.stdout.write("\n")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 import pandas as pd
@@ -127,15 +128,26 @@ class AnalysisResult:
         )
 
     def to_json(self, indent: int | None = 2) -> str:
-        """``json.dumps(self.to_json_dict())``. Compact (``indent=None``, as ``--json`` prints it)
-        each table row is written as it is converted, so no table is ever held as row dicts."""
+        """``json.dumps(self.to_json_dict())``; compact (``indent=None``) through :meth:`write_json`."""
         if indent is not None:
             return json.dumps(self.to_json_dict(), indent=indent, allow_nan=False)
+        text = io.StringIO()
+        self.write_json(text)
+        return text.getvalue()
+
+    def write_json(self, stream: TextIO) -> None:
+        """Compact ``json.dumps(self.to_json_dict())`` written to ``stream`` row by row, as ``--json``
+        prints it: no table is held as row dicts, nor the text as one string (28 MB for ``maps``
+        on 10,000 images)."""
         head = json.dumps(to_jsonable({"command": self.command, "checkpoints": list(self.checkpoints), "settings": self.settings}), allow_nan=False)
         tail = json.dumps(to_jsonable({"summary": self.summary, "warnings": list(self.warnings)}), allow_nan=False)
-        tables = ", ".join(f"{json.dumps(str(name))}: [{', '.join(json.dumps(row, allow_nan=False) for row in _rows(df))}]"
-                           for name, df in self.tables.items())
-        return f'{head[:-1]}, "tables": {{{tables}}}, {tail[1:]}'
+        stream.write(f'{head[:-1]}, "tables": {{')
+        for t, (name, df) in enumerate(self.tables.items()):
+            stream.write(f'{", " if t else ""}{json.dumps(str(name))}: [')
+            for i, row in enumerate(_rows(df)):
+                stream.write(f'{", " if i else ""}{json.dumps(row, allow_nan=False)}')
+            stream.write("]")
+        stream.write(f"}}, {tail[1:]}")
 
     def _files(self) -> list[tuple[str, Callable[[str], Any]]]:
         """``(file name, writer(path))`` of every output file, in the order they are listed."""

@@ -63,3 +63,19 @@ def test_compact_json_is_json_dumps_of_the_dict():
     assert json.loads(result.to_json()) == json.loads(text)  # the indented file holds the same
     empty = AnalysisResult(command="x", checkpoints=[], settings={}, tables={}, summary={})
     assert empty.to_json(indent=None) == json.dumps(empty.to_json_dict())
+
+
+def test_json_is_written_row_by_row():
+    """`--json` output streams: the text comes in pieces no larger than a row (plus the header),
+    never as one string of the whole table."""
+    frame = pd.DataFrame({"image": [f"{i:06d}.png" for i in range(2000)], "x": np.linspace(0, 1, 2000)})
+    result = AnalysisResult(command="maps", checkpoints=[], settings={}, tables={"t": frame}, summary={})
+    pieces = []
+
+    class Recorder:
+        def write(self, text):
+            pieces.append(text)
+
+    result.write_json(Recorder())
+    assert "".join(pieces) == json.dumps(result.to_json_dict(), allow_nan=False)
+    assert len(pieces) > 2000 and max(map(len, pieces)) < 200
