@@ -183,3 +183,36 @@ def test_forward_passes_restore_model_when_the_forward_fails():
         list(forward_passes([model], [torch.zeros(1, 3, 120, 120)], features=["norm"]))
     assert all(m.training for m in model.modules())
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_forward_passes_hold_numpy_blas_to_one_thread_and_restore_it(model):
+    """While the model runs, numpy's BLAS runs on one thread (its idle pool spins and takes a core
+    from the model); afterwards, and after a failed forward, it is as it was. torch's threads
+    are not touched."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from moescope.forward import forward_passes
+
+    numpy_blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+    if not numpy_blas:
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls here")
+    path = numpy_blas[0]["filepath"]
+
+    def numpy_threads() -> int:
+        return next(lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["filepath"] == path)
+
+    x = torch.zeros(2, 3, model.img_size, model.img_size)
+    torch_threads = torch.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits={path: 2}):
+        before = numpy_threads()
+        seen = [(numpy_threads(), torch.get_num_threads()) for _ in forward_passes([model], [x, x])]
+        assert seen == [(1, torch_threads)] * 2
+        assert numpy_threads() == before
+
+        def fail(x):
+            raise RuntimeError("boom")
+
+        broken = create_model("facemoe_swin_tiny").eval()
+        broken.layers[1].blocks[0].forward = fail
+        with pytest.raises(RuntimeError, match="boom"):
+            list(forward_passes([broken], [x]))
+        assert numpy_threads() == before
