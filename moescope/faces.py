@@ -245,13 +245,14 @@ def image_batches(
             stats.dropped.append(len(piece))
 
 
-def _fractions(labels: np.ndarray, grid: tuple[int, int], input_size: int, assign: str) -> np.ndarray:
-    from .regions import REGIONS, hard_labels, pool_labels_to_grid
+def _fractions(labels: np.ndarray, grids: Sequence[tuple[int, int]], input_size: int, assign: str) -> dict[tuple[int, int], np.ndarray]:
+    from .regions import REGIONS, hard_labels, pool_labels_to_grids
 
-    frac = pool_labels_to_grid(labels, grid, input_hw=(input_size, input_size))
+    fractions = pool_labels_to_grids(labels, grids, input_hw=(input_size, input_size))
     if assign == "majority":
-        frac = (hard_labels(frac)[None] == np.arange(len(REGIONS))[:, None, None]).astype(np.float64)
-    return frac
+        fractions = {g: (hard_labels(f)[None] == np.arange(len(REGIONS))[:, None, None]).astype(np.float64)
+                     for g, f in fractions.items()}
+    return fractions
 
 
 @dataclass(frozen=True)
@@ -476,7 +477,7 @@ def region_preparation(
                 view, landmarks = prep.image, prep.landmarks
             h, w = view.shape[:2]
             labels = region_labels(landmarks, h, w)
-            fractions = {g: _fractions(labels, g, input_size, assign) for g in grids}
+            fractions = _fractions(labels, grids, input_size, assign)
             if prep.outcome in ("canonical", "unaligned") and grids:
                 if 1.0 - float(fractions[grids[0]][background].mean()) < FACE_SHARE_WARNING:
                     stats.low_face_share.append(image_id)

@@ -19,7 +19,7 @@ hair_background > eyes > nose > mouth > chin_jawline > forehead > cheeks.
 from __future__ import annotations
 
 from functools import cache, lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ from facemoe_model.geometry import JAW_BAND, PRECEDENCE, REGIONS
 
 from .landmarks import MOUTH_CORNERS, NOSE_TIP, NUM_LANDMARKS, five_points, landmark_set
 
-__all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_labels_to_grid", "pool_to_grid", "region_labels", "region_masks"]
+__all__ = ["JAW_BAND", "PRECEDENCE", "REGIONS", "hard_labels", "pool_labels_to_grid", "pool_labels_to_grids", "pool_to_grid", "region_labels", "region_masks"]
 
 
 _SUBPIXEL_BITS = 8
@@ -212,26 +212,67 @@ def _histogram_bins(height: int, width: int, covered_h: float, covered_w: float,
     return pixels, bins
 
 
+def _covered(height: int, width: int, grid_hw: tuple[int, int], input_hw: tuple[int, int] | None) -> tuple[float, float]:
+    """The image extent the grid's cells tile (the whole image, less a strided patch embedding's remainder)."""
+    covered_h, covered_w = float(height), float(width)
+    if input_hw is not None:
+        covered_h *= (input_hw[0] // grid_hw[0]) * grid_hw[0] / input_hw[0]
+        covered_w *= (input_hw[1] // grid_hw[1]) * grid_hw[1] / input_hw[1]
+    return covered_h, covered_w
+
+
+def _cell_counts(labels: np.ndarray, grid_hw: tuple[int, int], input_hw: tuple[int, int] | None,
+                 num_regions: int) -> np.ndarray | None:
+    """``int64 [gh, gw, R]`` pixels of each region in each cell when the cells are whole pixels, else None."""
+    height, width = labels.shape
+    histogram = _histogram_bins(height, width, *_covered(height, width, grid_hw, input_hw), *grid_hw, num_regions)
+    if histogram is None:
+        return None
+    pixels, bins = histogram
+    counts = np.bincount(bins + labels.ravel()[pixels], minlength=grid_hw[0] * grid_hw[1] * num_regions)
+    return counts.reshape(*grid_hw, num_regions)
+
+
+def _cell_area(height: int, width: int, grid_hw: tuple[int, int], input_hw: tuple[int, int] | None) -> float:
+    covered_h, covered_w = _covered(height, width, grid_hw, input_hw)
+    return (covered_h / grid_hw[0]) * (covered_w / grid_hw[1])
+
+
 def pool_labels_to_grid(
     labels: np.ndarray, grid_hw: tuple[int, int], *, input_hw: tuple[int, int] | None = None, num_regions: int = len(REGIONS)
 ) -> np.ndarray:
     """:func:`pool_to_grid` of the one-hot masks of a label image (``int [H, W]`` region indices,
     e.g. :func:`region_labels`), without building them: a histogram per cell when the cells are
     whole pixels (the bundled faces and every aligned crop), the exact area weights otherwise."""
+    return pool_labels_to_grids(labels, [grid_hw], input_hw=input_hw, num_regions=num_regions)[tuple(grid_hw)]
+
+
+def pool_labels_to_grids(
+    labels: np.ndarray, grids: Sequence[tuple[int, int]], *, input_hw: tuple[int, int] | None = None,
+    num_regions: int = len(REGIONS),
+) -> dict[tuple[int, int], np.ndarray]:
+    """:func:`pool_labels_to_grid` on each of ``grids`` (e.g. a Swin model's 20x20, 10x10 and 5x5
+    grids): a grid whose cells are blocks of a finer grid's whole-pixel cells over the same extent
+    is summed from that grid's pixel counts (the same numbers, one histogram for all of them)."""
     labels = np.asarray(labels)
     height, width = labels.shape
-    grid_h, grid_w = grid_hw
-    covered_h, covered_w = float(height), float(width)
-    if input_hw is not None:
-        covered_h *= (input_hw[0] // grid_h) * grid_h / input_hw[0]
-        covered_w *= (input_hw[1] // grid_w) * grid_w / input_hw[1]
-    histogram = _histogram_bins(height, width, covered_h, covered_w, grid_h, grid_w, num_regions)
-    if histogram is None:
-        return pool_to_grid(labels[None] == np.arange(num_regions)[:, None, None], grid_hw, input_hw=input_hw)
-    pixels, bins = histogram
-    counts = np.bincount(bins + labels.ravel()[pixels], minlength=grid_h * grid_w * num_regions)
-    area = (covered_h / grid_h) * (covered_w / grid_w)
-    return counts.reshape(grid_h, grid_w, num_regions).transpose(2, 0, 1) / area
+    out: dict[tuple[int, int], np.ndarray] = {}
+    counted: list[tuple[tuple[int, int], np.ndarray]] = []  # (grid, counts) of the whole-pixel grids done
+    for grid in sorted(dict.fromkeys(tuple(g) for g in grids), key=lambda g: -g[0] * g[1]):  # finest first
+        extent = _covered(height, width, grid, input_hw)
+        finer = next(((g, c) for g, c in counted if g[0] % grid[0] == 0 and g[1] % grid[1] == 0
+                      and _covered(height, width, g, input_hw) == extent), None)
+        if finer is not None and _histogram_bins(height, width, *extent, *grid, num_regions) is not None:
+            (fine_h, fine_w), fine = finer
+            counts = fine.reshape(grid[0], fine_h // grid[0], grid[1], fine_w // grid[1], num_regions).sum(axis=(1, 3))
+        else:
+            counts = _cell_counts(labels, grid, input_hw, num_regions)
+        if counts is None:
+            out[grid] = pool_to_grid(labels[None] == np.arange(num_regions)[:, None, None], grid, input_hw=input_hw)
+            continue
+        counted.append((grid, counts))
+        out[grid] = counts.transpose(2, 0, 1) / _cell_area(height, width, grid, input_hw)
+    return {tuple(g): out[tuple(g)] for g in grids}
 
 
 def hard_labels(fractions: np.ndarray) -> np.ndarray:

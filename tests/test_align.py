@@ -253,6 +253,7 @@ def test_reduced_jpeg_decode_scales_coordinates_exactly():
         np.testing.assert_array_equal(scale, [reduction, reduction])
         np.testing.assert_allclose(centroid(decoded) * scale, point, atol=0.3)
     _, png = cv2.imencode(".png", image)
+    assert align.encoded_size(png.tobytes()) == size
     decoded, scale = align.decode_reduced(png.tobytes(), 4)
     np.testing.assert_allclose(centroid(decoded) * scale, point, atol=0.3)
     assert align.decode_reduced(b"not an image", 2) is None and align.encoded_size(b"nope") is None
@@ -531,3 +532,21 @@ def test_cka_save_aligned_keeps_identity_folders_apart(tmp_path):
     assert main(["cka", "--data", str(tmp_path / "faces"), "--save-aligned", str(tmp_path / "seen"), "--json"]) == 0
     written = sorted(p.relative_to(tmp_path / "seen") for p in (tmp_path / "seen").rglob("*.png"))
     assert written == sources and len({p.name for p in written}) < len(written)
+
+
+def test_png_size_from_its_header_equals_pillows(photos):
+    """The PNG fast path reads what Pillow reads, on real photos of several shapes; a PNG whose
+    header is cut short or says 0 goes to Pillow (which refuses it)."""
+    import io
+
+    from PIL import Image
+
+    for photo, _ in photos.values():
+        for shape in [photo.shape[:2], (photo.shape[0] // 3, photo.shape[1]), (37, 301)]:
+            image = cv2.resize(photo, shape[::-1])
+            data = cv2.imencode(".png", image)[1].tobytes()
+            with Image.open(io.BytesIO(data)) as reference:
+                assert align.encoded_size(data) == shape == reference.size[::-1]
+    zero = bytearray(data)
+    zero[16:20] = bytes(4)
+    assert align.encoded_size(bytes(zero)) is None and align.encoded_size(data[:20]) is None

@@ -12,7 +12,8 @@ from matplotlib.path import Path as PolygonPath
 
 from facemoe_model.data.images import read_image
 from moescope.landmarks import ALIGNED_FIVE_POINTS, detect_landmarks, five_points, template_landmarks
-from moescope.regions import REGIONS, _outlines, hard_labels, pool_to_grid, region_labels, region_masks
+from moescope.regions import (REGIONS, _outlines, hard_labels, pool_labels_to_grid, pool_labels_to_grids, pool_to_grid,
+                              region_labels, region_masks)
 
 EYES, NOSE, MOUTH, FOREHEAD, CHEEKS, CHIN, BACKGROUND = range(len(REGIONS))
 
@@ -177,6 +178,29 @@ def test_pooling_with_patch_stride_remainder():
     np.testing.assert_allclose(fractions, supersampled_fractions(masks, (7, 7), input_hw=(120, 120)), atol=1e-12)
     assert not np.allclose(fractions, pool_to_grid(masks, (7, 7)))
     np.testing.assert_allclose(pool_to_grid(masks, (20, 20), input_hw=(120, 120)), pool_to_grid(masks, (20, 20)))
+
+
+@pytest.mark.parametrize("case", ["aligned120", "template112", "astronaut", "grace_hopper"])
+def test_label_pooling_on_several_grids_equals_each_grid_alone(faces, case):
+    """Grids pooled together (a coarse grid summed from a finer one's pixel counts where its cells
+    are blocks of them) give exactly the numbers of each grid pooled alone, and those equal the
+    area pooling of the one-hot masks; grids that do not nest, or cells that are not whole pixels
+    (a 112-px crop on a 120-px input), take their own path."""
+    grids = [(5, 5), (20, 20), (7, 7), (10, 10), (4, 8)]
+    if case in ("aligned120", "template112"):
+        size = 120 if case == "aligned120" else 112
+        points, (height, width), input_hw = template_landmarks(size, size), (size, size), (120, 120)
+    else:
+        image, points = faces[case]
+        (height, width), input_hw = image.shape[:2], None
+    labels = region_labels(points, height, width)
+    together = pool_labels_to_grids(labels, grids, input_hw=input_hw)
+    assert list(together) == grids
+    masks = labels[None] == np.arange(len(REGIONS))[:, None, None]
+    for grid in grids:
+        alone = pool_labels_to_grid(labels, grid, input_hw=input_hw)
+        np.testing.assert_array_equal(together[grid], alone)
+        np.testing.assert_allclose(alone, pool_to_grid(masks, grid, input_hw=input_hw), rtol=0, atol=1e-12)
 
 
 def test_hard_labels_is_the_cell_majority():

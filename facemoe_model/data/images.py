@@ -182,11 +182,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def encoded_size(data: bytes) -> tuple[int, int] | None:
     """``(height, width)`` of encoded image bytes from the header alone (Pillow; EXIF
-    orientation not applied), None when Pillow cannot read the header."""
+    orientation not applied), None when Pillow cannot read the header. A PNG's size is read
+    from its IHDR chunk directly (what Pillow reads; a tenth of the time of opening it)."""
     import io
     import warnings
+
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width > 0 and height > 0:
+            return height, width
 
     from PIL import Image, UnidentifiedImageError
 

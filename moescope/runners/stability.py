@@ -60,7 +60,7 @@ from ..faces import PREFETCH_BATCHES
 from ..forward import forward_passes, prefetched
 from ..landmarks import detect_landmarks, template_landmarks
 from ..occlusion import RegionOcclusion
-from ..regions import REGIONS, pool_labels_to_grid, region_labels
+from ..regions import REGIONS, pool_labels_to_grids, region_labels
 from ..results import AnalysisResult
 from ..stats.agreement import RoutingChange, routing_set_distance, top1_changed
 from ..stats.usage import usage_table
@@ -273,8 +273,9 @@ def _landmarks(images: list[np.ndarray], workers: int | None) -> tuple[list[np.n
 
 
 def _fractions(images: list[np.ndarray], landmarks: list[np.ndarray], grids: list[tuple[int, int]], size: int) -> dict:
-    labels = [region_labels(lm, *im.shape[:2]) for im, lm in zip(images, landmarks)]
-    return {g: np.stack([pool_labels_to_grid(lab, g, input_hw=(size, size)) for lab in labels]) for g in grids}
+    pooled = [pool_labels_to_grids(region_labels(lm, *im.shape[:2]), grids, input_hw=(size, size))
+              for im, lm in zip(images, landmarks)]
+    return {g: np.stack([p[g] for p in pooled]) for g in grids}
 
 
 def _first(routing: LayerRouting, n: int) -> LayerRouting:
