@@ -111,3 +111,17 @@ def test_export_tokens_parquet(photo_dir, tiny_ckpt, tmp_path, capsys):
     assert set(frame["layer"]) == {"layers.2.blocks.0.mlp", "layers.2.blocks.1.mlp"}
     assert len(frame) == frame["image"].nunique() * 2 * 25
     assert frame["row"].between(0, 4).all() and frame["col"].between(0, 4).all()
+
+
+def test_null_does_not_depend_on_where_the_images_lie(photo_dir, tiny_ckpt, tmp_path, capsys):
+    """The same photos copied to another, deeper folder: the same permutation null (each image's
+    draws are seeded by its path under the data folder, not by its absolute path)."""
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(photo_dir / "lfw", moved / "lfw")
+    tables = []
+    for folder in (photo_dir / "lfw", moved / "lfw"):
+        capsys.readouterr()
+        assert main(["regions", str(tiny_ckpt), "--data", str(folder), "--json", "--bootstrap", "0", "--null", "20"]) == 0
+        tables.append(json.loads(capsys.readouterr().out)["tables"]["nmi"])
+    assert tables[0] == tables[1]
+    assert all(row["null_resamples"] == 20 and row["null_images"] == 12 for row in tables[0])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -110,7 +110,8 @@ def analyse_regions(
     first, num_experts, input_size = compatible_layers(models, all_labels, layers)
     names = list(first)
     counters = {label: RegionRoutingCounts(names, num_experts, count=count, by=by) for label in all_labels}
-    drawn = null_sample(paths, null_images, seed) if null > 0 else []
+    null_key = _null_keys(paths)
+    drawn = null_sample([null_key(str(p)) for p in paths], null_images, seed) if null > 0 else []
     nulls = {label: PermutationNull(names, num_experts, len(counters[label].regions), resamples=max(null, 0),
                                     images=drawn, seed=seed, count=count) for label in all_labels}
     token_frames = []
@@ -126,7 +127,7 @@ def analyse_regions(
         for label, model_pass in zip(all_labels, step.passes):
             counters[label].update(model_pass.routing, step.batch.fractions)
             if null > 0:
-                nulls[label].update(model_pass.routing, step.batch.fractions, step.batch.ids)
+                nulls[label].update(model_pass.routing, step.batch.fractions, [null_key(i) for i in step.batch.ids])
             if export_tokens:
                 token_frames.append(token_frame(model_pass.routing, step.batch.ids).assign(checkpoint=label))
 
@@ -186,6 +187,23 @@ def analyse_regions(
         warnings=stats.warnings() + _null_warnings(nulls if null > 0 else {}),
         figures={"region_routing_heatmap": lambda: region_routing_heatmap(papers)},
     )
+
+
+def _null_keys(paths: Sequence[Path]) -> Callable[[str], str]:
+    """The id that draws and seeds an image's permutations: its path under the folder holding all
+    the images (:func:`~moescope.faces.common_root`), so the null is the same wherever that folder,
+    or the bundled demo, lies (the same on every rank: the root is of all the paths)."""
+    root = common_root(paths)
+
+    def key(image_id: str) -> str:
+        if root is None:
+            return image_id
+        try:
+            return Path(image_id).relative_to(root).as_posix()
+        except ValueError:
+            return image_id
+
+    return key
 
 
 def _nmi_table(counts: RegionRoutingCounts, null: PermutationNull | None, by: str) -> pd.DataFrame:
