@@ -42,6 +42,8 @@ def test_landmark_chunks_are_whole_batches_in_order(n, batch):
     chunks = chunk_plan(n, batch)
     assert [i for c in chunks for i in c] == list(range(n))
     assert all(c.stop % batch == 0 for c in chunks[:-1]) and (not chunks or len(chunks[0]) == min(batch, n))
+    full = batch * max(1, 512 // batch)  # then twice as many each time, up to the chunk size
+    assert all(len(b) == min(2 * len(a), full) for a, b in zip(chunks[:-2], chunks[1:-1]))
 
 
 def test_shard_groups_re_indexes_whole_batches(monkeypatch):

@@ -136,6 +136,31 @@ def test_default_cache_dir_follows_env(tmp_path, monkeypatch):
     assert len(list((tmp_path / "elsewhere" / "landmarks").rglob("*.npz"))) == 1
 
 
+def test_npy_reader_equals_numpys_for_every_header_kind():
+    """The cache's direct ``.npy`` reader gives numpy's array for the headers it reads itself and
+    for those it hands on (Fortran order, bool, 0-d), copies that can be written, and refuses a
+    file shorter than its header says."""
+    import io
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        np.zeros((0, 2), np.float32), rng.random((468, 2)).astype(np.float32), np.frombuffer(b'{"faces": 1}', np.uint8),
+        rng.random((3, 4, 5)), rng.integers(-5, 5, 7), rng.random((2, 3)).astype(">f4"),
+        np.asfortranarray(rng.random((3, 4))), np.array([True, False]), np.array(3.5),
+    ]
+    for array in arrays:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        data = buffer.getvalue()
+        read = lm._npy_array(data)
+        expected = np.load(io.BytesIO(data))
+        assert read.dtype == expected.dtype and read.shape == expected.shape and np.array_equal(read, expected)
+        assert read.flags.writeable
+        if array.size:
+            with pytest.raises(ValueError):
+                lm._npy_array(data[:-1])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape"])
 def test_corrupt_cache_entry_is_recomputed(tmp_path, damage):
     faces = lfw_faces()[:3]
