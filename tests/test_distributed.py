@@ -37,12 +37,12 @@ def test_shards_cover_the_items_in_order_cut_at_blocks(n, block, world):
 @pytest.mark.parametrize("batch", [1, 16, 64, 100, 600])
 @pytest.mark.parametrize("n", [0, 1, 99, 513, 2000])
 def test_landmark_chunks_are_whole_batches_in_order(n, batch):
-    from moescope.faces import chunk_plan
+    from moescope.faces import CHUNK_SIZE, chunk_plan
 
     chunks = chunk_plan(n, batch)
     assert [i for c in chunks for i in c] == list(range(n))
     assert all(c.stop % batch == 0 for c in chunks[:-1]) and (not chunks or len(chunks[0]) == min(batch, n))
-    full = batch * max(1, 512 // batch)  # then twice as many each time, up to the chunk size
+    full = batch * max(1, CHUNK_SIZE // batch)  # then twice as many each time, up to the chunk size
     assert all(len(b) == min(2 * len(a), full) for a, b in zip(chunks[:-2], chunks[1:-1]))
 
 

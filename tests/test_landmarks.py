@@ -137,9 +137,9 @@ def test_default_cache_dir_follows_env(tmp_path, monkeypatch):
 
 
 def test_npy_reader_equals_numpys_for_every_header_kind():
-    """The cache's direct ``.npy`` reader gives numpy's array for the headers it reads itself and
-    for those it hands on (Fortran order, bool, 0-d), copies that can be written, and refuses a
-    file shorter than its header says."""
+    """The cache's direct ``.npy`` reader gives numpy's array for the headers it reads itself (bool
+    and 0-d included) and for those it hands on (Fortran order), copies that can be written, and
+    refuses a file shorter than its header says."""
     import io
 
     rng = np.random.default_rng(0)
