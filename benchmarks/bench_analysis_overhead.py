@@ -11,6 +11,10 @@ landmark cache (its time is printed: the empty-cache case). Then, round-robin in
   in batches of the command's size under ``torch.inference_mode``;
 * ``cka``: ``main(["cka", "--data", DIR, "--json"])`` vs both models' forwards (batches of 16).
 
+Then one more run of the command and of the pure forward, each with the CPU seconds of every
+thread (model: the main thread and torch's workers; the batch preparation and accumulation
+threads): with the model filling every core, the CPU time besides the model's bounds the ratio.
+
 Import cost is measured apart, in fresh processes (``-X importtime``: the sum of the top-level
 imports of ``moescope regions`` on one image, and of ``moescope --help``), with the heavy modules
 each loads.
@@ -47,6 +51,26 @@ def import_seconds(argv: list[str]) -> tuple[float, list[str]]:
     return total / 1e6, [h for h in heavy if h]
 
 
+THREAD_ROLES = {"main": "main", "native": "torch workers", "moescope-prefetch": "preparation", "moescope-accumulate": "accumulation"}
+
+
+def cpu_summary(name: str, command_cpu: dict[str, float], forward_cpu: dict[str, float]) -> str:
+    """Where the command's CPU time went, by thread, beside the pure forward's: on a machine
+    whose cores the model already fills, every CPU-second besides the model's lengthens the run."""
+    def part(cpu: dict[str, float]) -> str:
+        roles: dict[str, float] = {}
+        for thread, seconds in cpu.items():
+            role = THREAD_ROLES.get(thread, "other")
+            roles[role] = roles.get(role, 0.0) + seconds
+        return ", ".join(f"{role} {seconds:.2f}" for role, seconds in sorted(roles.items(), key=lambda kv: -kv[1]))
+
+    total, model = sum(command_cpu.values()), sum(forward_cpu.values())
+    cores = os.cpu_count() or 1
+    return (f"  CPU seconds by thread, one run each: {name}: {part(command_cpu)} (total {total:.2f}); pure forward: {part(forward_cpu)} "
+            f"(total {model:.2f})\n  -> {total - model:.2f} CPU-s beside the model's {model:.2f}; on {cores} CPUs the command needs at "
+            f"least {total / cores:.2f} s, ratio >= {total / model:.2f} where the model alone keeps every core busy")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1600)
@@ -61,7 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from _faces import face_folder
-    from _timing import interleaved_medians
+    from _timing import cpu_by_thread, interleaved_medians
     from facemoe_model.data.images import list_images, preprocess, read_image
     from moescope.choices import BATCH_SIZE
     from moescope.cli import main as cli
@@ -106,6 +130,10 @@ def main() -> None:
         print(f"\n{name}: first run (landmark cache as found) {first:.1f} s")
         for label, seconds in times.items():
             print(f"  {label:<18} {seconds:7.2f} s   {len(paths) / seconds:7.1f} img/s   ratio {seconds / times['pure forward']:.2f}")
+        command_cpu = cpu_by_thread(next(iter(candidates.values())))
+        forward_cpu = cpu_by_thread(forward(models, batch))
+        if command_cpu:
+            print(cpu_summary(name, command_cpu, forward_cpu))
 
     print()
     for argv in (["--help"], ["regions", "--data", str(paths[0]), "--json", "--null", "0", "--bootstrap", "0"]):

@@ -144,7 +144,8 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
     if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2 or len(source) < 2:
         raise ValueError(f"need two matching [N >= 2, 2] point sets, got {list(source.shape)} and {list(target.shape)}")
-    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    # the means as ndarray.mean computes them (add.reduce / count), without its per-call overhead
+    source_mean, target_mean = np.add.reduce(source, axis=0) / len(source), np.add.reduce(target, axis=0) / len(target)
     src, dst = source - source_mean, target - target_mean
     variance = float((src**2).sum())
     if variance <= 0:
@@ -218,6 +219,8 @@ class FaceQuality:
 
     measures: dict[str, float]
     reasons: tuple[str, ...] = field(default=())
+    points: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The five :func:`alignment_points` measured (None when the eyes coincide)."""
 
     @property
     def accepted(self) -> bool:
@@ -230,6 +233,7 @@ def face_quality(landmarks: np.ndarray, confidence: float | None = None) -> Face
     ``fit_residual_px`` (112 frame), ``mouth_width_ratio`` and ``eye_mouth_ratio`` (over the eye
     distance); thresholds are this module's constants."""
     points = alignment_points(landmarks)
+    points.flags.writeable = False
     left_eye, right_eye, _, mouth_left, mouth_right = points
     interocular = float(np.linalg.norm(right_eye - left_eye))
     measures = {"confidence": float("nan") if confidence is None else float(confidence), "interocular_px": interocular}
@@ -253,7 +257,7 @@ def face_quality(landmarks: np.ndarray, confidence: float | None = None) -> Face
         and EYE_MOUTH_RANGE[0] <= measures["eye_mouth_ratio"] <= EYE_MOUTH_RANGE[1]
     ):
         reasons.append("implausible_landmarks")
-    return FaceQuality(measures, tuple(reasons))
+    return FaceQuality(measures, tuple(reasons), points)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,12 +315,20 @@ class AlignedFace:
     residual: float
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, *, mode: str = "auto", output_size: int = ALIGNED_SIZE) -> AlignedFace:
+def align_face(
+    image: np.ndarray, landmarks: np.ndarray, *, mode: str = "auto", output_size: int = ALIGNED_SIZE,
+    measured: FaceQuality | None = None,
+) -> AlignedFace:
     """Align one face of ``image`` (``uint8 [H, W, 3]``) given its Face Mesh ``landmarks`` in
     that image's pixels; ``mode`` as :func:`use_alignment`. Not aligned, the image and landmarks
-    come back unchanged (the model input is then resized from the whole image, as before)."""
-    points = alignment_points(landmarks)
-    residual = fit_residual(points)
+    come back unchanged (the model input is then resized from the whole image, as before).
+    ``measured``: the gate's :func:`face_quality` of these same landmarks, whose five points and
+    residual are then used rather than computed again."""
+    if measured is not None and measured.points is not None:
+        points, residual = measured.points, measured.measures["fit_residual_px"]
+    else:
+        points = alignment_points(landmarks)
+        residual = fit_residual(points)
     if not use_alignment(mode, image.shape, points):
         identity = np.hstack([np.eye(2), np.zeros((2, 1))])
         return AlignedFace(image, np.asarray(landmarks, np.float32), identity, False, residual)

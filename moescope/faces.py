@@ -294,7 +294,8 @@ def prepare_face(
     if not quality.accepted:
         return FacePrep(None, None, quality.reasons[0], quality.reasons, face.faces)
     landmarks = face.landmarks
-    aligned = align_face(image, landmarks, mode=mode, output_size=output_size)
+    same = np.array_equal(full, landmarks)  # read at full resolution: the gate measured these very points
+    aligned = align_face(image, landmarks, mode=mode, output_size=output_size, measured=quality if same else None)
     if aligned.aligned and source is not None:
         finer = warp_reduction(full)
         if finer < scale.max() / 1.01:

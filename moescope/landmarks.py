@@ -451,24 +451,30 @@ def landmark_set(connections: frozenset[tuple[int, int]]) -> list[int]:
 
 
 @cache
-def _eye_sets() -> tuple[list[int], list[int]]:
+def _eye_sets() -> tuple[np.ndarray, np.ndarray]:
     from .mesh import FACEMESH_LEFT_EYE, FACEMESH_RIGHT_EYE
 
-    return landmark_set(FACEMESH_RIGHT_EYE), landmark_set(FACEMESH_LEFT_EYE)
+    right, left = (np.array(landmark_set(eye), dtype=np.intp) for eye in (FACEMESH_RIGHT_EYE, FACEMESH_LEFT_EYE))
+    right.flags.writeable = left.flags.writeable = False
+    return right, left
+
+
+_OTHER_POINTS = np.array([NOSE_TIP, *MOUTH_CORNERS], dtype=np.intp)
 
 
 def five_points(landmarks: np.ndarray) -> np.ndarray:
     """``[5, 2]`` eye centres, nose tip and mouth corners, image-left first (ArcFace order)."""
     right, left = _eye_sets()
-    return np.stack(
-        [
-            landmarks[right].mean(axis=0),
-            landmarks[left].mean(axis=0),
-            landmarks[NOSE_TIP],
-            landmarks[MOUTH_CORNERS[0]],
-            landmarks[MOUTH_CORNERS[1]],
-        ]
-    )
+    landmarks = np.asarray(landmarks)
+    if landmarks.dtype not in (np.float32, np.float64):
+        return np.stack([landmarks[right].mean(axis=0), landmarks[left].mean(axis=0), *landmarks[_OTHER_POINTS]])
+    # ndarray.mean is add.reduce and a division by the count: the same numbers without mean's
+    # per-call overhead (two thirds of this function's time; it runs several times per image)
+    points = np.empty((5, 2), landmarks.dtype)
+    points[0] = np.add.reduce(landmarks[right], axis=0) / len(right)
+    points[1] = np.add.reduce(landmarks[left], axis=0) / len(left)
+    points[2:] = landmarks[_OTHER_POINTS]
+    return points
 
 
 def build_template(landmark_sets: Sequence[np.ndarray]) -> np.ndarray:

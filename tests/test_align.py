@@ -157,6 +157,24 @@ def test_real_photo_alignment(photos, name):
     assert align.face_quality(landmarks).accepted
 
 
+def test_align_face_given_the_gates_measures_is_the_same_alignment(photos, lfw_subset):
+    """prepare_face hands the gate's five points and residual to align_face: the crop, landmarks,
+    matrix and residual are those align_face computes on its own (aligned photos, canonical crops)."""
+    images, found = lfw_subset
+    cases = [photos["astronaut"], photos["grace_hopper"]]
+    cases += [(cv2.resize(image, (120, 120)), landmarks * (120 / image.shape[0])) for image, landmarks in zip(images[:20], found[:20]) if landmarks is not None]
+    outcomes = set()
+    for image, landmarks in cases:
+        for mode in ("auto", "always", "none"):
+            alone = align.align_face(image, landmarks, mode=mode, output_size=INPUT)
+            given = align.align_face(image, landmarks, mode=mode, output_size=INPUT, measured=align.face_quality(landmarks))
+            outcomes.add(alone.aligned)
+            assert alone.aligned == given.aligned and alone.residual == given.residual
+            for a, b in ((alone.image, given.image), (alone.landmarks, given.landmarks), (alone.matrix, given.matrix)):
+                np.testing.assert_array_equal(a, b)
+    assert outcomes == {True, False}
+
+
 def test_align_none_and_auto_keep_the_photo_as_is(photos):
     image, landmarks = photos["astronaut"]
     kept = align.align_face(image, landmarks, mode="none", output_size=INPUT)

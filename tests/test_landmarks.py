@@ -316,6 +316,26 @@ def test_cache_key_depends_on_pixels_shape_and_settings(monkeypatch):
 # ------------------------------------------------------------------------------------------- files
 
 
+def test_five_points_equal_the_means_of_the_eye_contours(photo_landmarks, lfw_landmarks):
+    """The reduce-and-divide means are numpy's means, to the bit, for float64, float32 and
+    integer landmarks (reference: ndarray.mean over Face Mesh's eye sets, written out here)."""
+    from moescope.mesh import FACEMESH_LEFT_EYE, FACEMESH_RIGHT_EYE
+
+    def reference(points: np.ndarray) -> np.ndarray:
+        eye = lambda connections: points[sorted({i for pair in connections for i in pair})].mean(axis=0)
+        return np.stack([eye(FACEMESH_RIGHT_EYE), eye(FACEMESH_LEFT_EYE), points[1], points[61], points[291]])
+
+    real = [p for p in [*photo_landmarks.values(), *lfw_landmarks] if p is not None]
+    rng = np.random.default_rng(0)
+    cases = [p.astype(dtype) for p in real for dtype in (np.float64, np.float32)]
+    cases += [(rng.random((lm.NUM_LANDMARKS, 2)) * 4000 - 1000).astype(dtype) for dtype in (np.float64, np.float32) for _ in range(200)]
+    cases += [rng.integers(0, 500, (lm.NUM_LANDMARKS, 2))]
+    for points in cases:
+        got, want = lm.five_points(points), reference(points)
+        assert got.dtype == want.dtype and got.shape == (5, 2)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_read_image_round_trips_png_and_greyscale(tmp_path):
     astronaut = skimage.data.astronaut()
     cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
