@@ -313,9 +313,6 @@ def test_cache_key_depends_on_pixels_shape_and_settings(monkeypatch):
     assert len(keys) == 4
 
 
-# ------------------------------------------------------------------------------------------- files
-
-
 def test_five_points_equal_the_means_of_the_eye_contours(photo_landmarks, lfw_landmarks):
     """The reduce-and-divide means are numpy's means, to the bit, for float64, float32 and
     integer landmarks (reference: ndarray.mean over Face Mesh's eye sets, written out here)."""
@@ -334,6 +331,9 @@ def test_five_points_equal_the_means_of_the_eye_contours(photo_landmarks, lfw_la
         got, want = lm.five_points(points), reference(points)
         assert got.dtype == want.dtype and got.shape == (5, 2)
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------- files
 
 
 def test_read_image_round_trips_png_and_greyscale(tmp_path):
