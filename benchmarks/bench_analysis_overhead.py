@@ -15,11 +15,17 @@ Then one more run of the command and of the pure forward, each with the CPU seco
 thread (model: the main thread and torch's workers; the batch preparation and accumulation
 threads): with the model filling every core, the CPU time besides the model's bounds the ratio.
 
+``--model NAME`` runs the same comparison on a registered configuration with random weights
+(seeded; e.g. ``facemoe_swin_official``, the full-size network, whose forward is ~100x the demo
+model's), saved to a temporary checkpoint that the command loads: how the ratio falls as the
+model's share of the work grows.
+
 Import cost is measured apart, in fresh processes (``-X importtime``: the sum of the top-level
 imports of ``moescope regions`` on one image, and of ``moescope --help``), with the heavy modules
 each loads.
 
     python benchmarks/bench_analysis_overhead.py [--images 1600] [--repeats 3] [--threads 2]
+    python benchmarks/bench_analysis_overhead.py --model facemoe_swin_official --images 60 --repeats 2
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,13 +80,36 @@ def cpu_summary(name: str, command_cpu: dict[str, float], forward_cpu: dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1600)
-    parser.add_argument("--data", type=Path, help="a face folder to use instead of generated faces")
+    parser.add_argument("--images", type=int, help="faces to generate (default 1600; whole identities of 10); with --data, how many it must hold")
+    parser.add_argument("--data", type=Path, help="a face folder to use instead of generated faces (all of its images)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", choices=("regions", "cka"), help="one command only")
+    parser.add_argument("--model", default="demo", help="demo (the bundled checkpoints, default) or a registered "
+                        "configuration name, run with random weights (e.g. facemoe_swin_official)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        measure(args, Path(scratch))
 
+
+def random_checkpoints(name: str, folder: Path) -> list[str]:
+    """Two checkpoints of the registered configuration ``name`` with random weights (seeds 0 and
+    1) in ``folder``: the "before" and "after" of ``cka``; ``regions`` runs on the second."""
+    import torch
+    from facemoe_model import save_checkpoint
+    from facemoe_model.models import create_model, list_models
+
+    if name not in list_models():
+        raise SystemExit(f"--model: unknown configuration {name!r}; registered: {', '.join(list_models())}")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(save_checkpoint(create_model(name), folder / f"{name}-seed{seed}.pt")))
+    return paths
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> None:
+    """The comparison of the module docstring; temporary checkpoints go under ``scratch``."""
     import torch
 
     if args.threads:
@@ -90,13 +120,13 @@ def main() -> None:
     from moescope.choices import BATCH_SIZE
     from moescope.cli import main as cli
     from moescope.demo import DEFAULT_PAIR, load_model
+    from moescope.trace import compatible_layers
 
-    data = args.data or face_folder(args.images)
-    paths = list_images(data)[: args.images]
-    if len(paths) < args.images:
-        raise SystemExit(f"{data}: only {len(paths)} images")
-    if args.data is None and len(list_images(data)) != len(paths):
-        raise SystemExit("generated folder holds more images than asked")
+    checkpoints = list(DEFAULT_PAIR) if args.model == "demo" else random_checkpoints(args.model, scratch)
+    data = args.data or face_folder(args.images or 1600)
+    paths = list_images(data)  # the command reads the whole folder: the pure forward gets the same images
+    if args.data is not None and args.images is not None and len(paths) != args.images:
+        raise SystemExit(f"{data} holds {len(paths)} images, not the {args.images} asked for (--images)")
     print(f"{len(paths)} images from {data}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs (shared with other work: compare the ratios, not the seconds)")
 
@@ -108,7 +138,11 @@ def main() -> None:
                 raise SystemExit(f"moescope {' '.join(argv)} failed with status {status}")
         return run
 
-    images = torch.stack([preprocess(read_image(p), 120) for p in paths])
+    models = [load_model(c).eval() for c in checkpoints]
+    input_size = compatible_layers(models[:1], ["model"], None)[2]
+    described = "the bundled demo checkpoints" if args.model == "demo" else f"{args.model}, random weights (seeds 0, 1)"
+    print(f"model: {described}, input {input_size}x{input_size}")
+    images = torch.stack([preprocess(read_image(p), input_size) for p in paths])
 
     def forward(models, batch_size):
         def run() -> None:
@@ -120,18 +154,19 @@ def main() -> None:
 
     for name in ("regions", "cka") if args.only is None else (args.only,):
         if name == "regions":
-            models, batch, candidates = [load_model("demo:after").eval()], BATCH_SIZE, {"regions": command("regions"), "regions --null 0": command("regions", "--null", "0")}
+            run_models, batch = models[1:], BATCH_SIZE
+            candidates = {"regions": command("regions", checkpoints[1]), "regions --null 0": command("regions", checkpoints[1], "--null", "0")}
         else:
-            models, batch, candidates = [load_model(s).eval() for s in DEFAULT_PAIR], 16, {"cka": command("cka")}
+            run_models, batch, candidates = models, 16, {"cka": command("cka", *checkpoints)}
         start = time.perf_counter()
         next(iter(candidates.values()))()
         first = time.perf_counter() - start
-        times = interleaved_medians({**candidates, "pure forward": forward(models, batch)}, repeats=args.repeats, warmup=0)
+        times = interleaved_medians({**candidates, "pure forward": forward(run_models, batch)}, repeats=args.repeats, warmup=0)
         print(f"\n{name}: first run (landmark cache as found) {first:.1f} s")
         for label, seconds in times.items():
             print(f"  {label:<18} {seconds:7.2f} s   {len(paths) / seconds:7.1f} img/s   ratio {seconds / times['pure forward']:.2f}")
         command_cpu = cpu_by_thread(next(iter(candidates.values())))
-        forward_cpu = cpu_by_thread(forward(models, batch))
+        forward_cpu = cpu_by_thread(forward(run_models, batch))
         if command_cpu:
             print(cpu_summary(name, command_cpu, forward_cpu))
 

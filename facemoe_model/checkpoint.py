@@ -29,7 +29,7 @@ import pickle
 import re
 import stat
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -210,16 +210,81 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor], top_k: int = 2
     )
 
 
-def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor the modules of ``model`` hold: parameters, buffers, plain tensor attributes."""
+    for prefix, module in model.named_modules():
+        for group in (module._parameters, module._buffers, vars(module)):
+            for name, value in group.items():
+                if isinstance(value, torch.Tensor):
+                    yield f"{prefix}.{name}" if prefix else name, value
+
+
+def _build_to_load(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, bool]:
+    """``create_model(name, **kwargs)`` for a checkpoint to overwrite, and whether it was built on
+    the meta device (True: no memory and no random initialisation for weights about to be
+    replaced; load it with ``assign``). timm's way: built under ``torch.device("meta")``, the
+    checkpoint's tensors assigned, then every module's ``init_non_persistent_buffers`` recomputes
+    what it derives (Swin's relative position index and window mask). Built as usual instead
+    where a module holds a tensor that is not in the state_dict and that it cannot recompute that
+    way (a non-persistent buffer without ``init_non_persistent_buffers``, a plain tensor
+    attribute), or where its construction needs real values."""
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    except Exception:  # a constructor that computes with its parameters' values
+        return create_model(name, **kwargs), False
+    for module in model.modules():
+        unrecomputable = module._non_persistent_buffers_set and not hasattr(module, "init_non_persistent_buffers")
+        if unrecomputable or any(isinstance(v, torch.Tensor) for v in vars(module).values()):
+            return create_model(name, **kwargs), False
+    return model, True
+
+
+def _own_storage(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as ``dtype`` in a contiguous storage of its own (what ``load_state_dict`` copying
+    into fresh parameters gives), without a copy where it already is one."""
+    value = value.to(dtype)
+    if not value.is_contiguous() or value.untyped_storage().nbytes() != value.numel() * value.element_size():
+        value = value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+def _assign(model: nn.Module, params: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``params`` (every persistent key, checked) into a model built on the meta device,
+    then recompute its non-persistent buffers on the CPU, each module its own (as timm's
+    ``reinit_non_persistent_buffers`` does)."""
+    own = model.state_dict()
+    model.load_state_dict({k: _own_storage(v, own[k].dtype) for k, v in params.items()}, strict=True, assign=True)
+    for module in model.modules():
+        for key in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(key)
+            if buffer is not None and buffer.is_meta:
+                module._buffers[key] = torch.empty_like(buffer, device="cpu")
+    for module in model.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+    left = next((key for key, t in _tensors(model) if t.is_meta), None)
+    if left is not None:
+        raise CheckpointError(f"{path}: {left} was neither in the checkpoint nor recomputed by its module")
+
+
+def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, *, assign: bool = False) -> None:
+    """Load ``state_dict`` into ``model`` with every key and shape checked; the buffers an official
+    file stores but our modules derive must equal ours. ``assign``: ``model`` was built on the
+    meta device (:func:`_build_to_load`)."""
     own = model.state_dict()
     derived = {k: v for k, v in state_dict.items() if _DERIVED_BUFFERS.search(k) and k not in own}
-    for key, value in derived.items():
+
+    def ours(key: str) -> torch.Tensor | None:
         module_name, attr = key.rsplit(".", 1)
         try:
-            ours = getattr(model.get_submodule(module_name), attr)
+            return getattr(model.get_submodule(module_name), attr)
         except AttributeError:
             raise CheckpointError(f"{path}: unexpected key {key!r} (no such module in this architecture)") from None
-        if ours is None or ours.shape != value.shape or not torch.equal(ours.to(value.dtype), value):
+
+    for key, value in derived.items():
+        buffer = ours(key)
+        if buffer is None or buffer.shape != value.shape:
             raise CheckpointError(f"{path}: buffer {key} disagrees with the architecture (window or shift differ)")
     params = {k: v for k, v in state_dict.items() if k not in derived}
     missing = [k for k in own if k not in params]
@@ -234,7 +299,13 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Pa
     for key, value in params.items():
         if own[key].shape != value.shape:
             raise CheckpointError(f"{path}: shape mismatch at {key}: checkpoint {list(value.shape)}, model {list(own[key].shape)}")
-    model.load_state_dict(params, strict=True)
+    if assign:
+        _assign(model, params, path)
+    else:
+        model.load_state_dict(params, strict=True)
+    for key, value in derived.items():
+        if not torch.equal(ours(key).to(value.dtype), value):
+            raise CheckpointError(f"{path}: buffer {key} disagrees with the architecture (window or shift differ)")
 
 
 def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: Any) -> nn.Module:
@@ -267,14 +338,14 @@ def load_checkpoint(path: str | Path, *, top_k: int | None = None, **overrides: 
             kwargs["top_k"] = top_k
     kwargs.update(overrides)
     try:
-        model = create_model(name, **kwargs)
+        model, assign = _build_to_load(name, kwargs)
     except MemoryError:
         raise CheckpointError(f"{path}: not enough memory to build model {name!r} from its config") from None
     except Exception as exc:  # any bad config value (negative sizes raise RuntimeError in torch)
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise CheckpointError(f"{path}: cannot build model {name!r} from its config ({reason})") from None
     try:
-        _load_strict(model, state_dict, path)
+        _load_strict(model, state_dict, path, assign=assign)
     except CheckpointError:
         raise
     except Exception as exc:  # e.g. a tensor of a dtype that cannot be copied into a parameter

@@ -64,6 +64,69 @@ def _one_line(exc: CheckpointError) -> str:
     return msg
 
 
+def _held_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, non-persistent ones (Swin's position index and window masks) too."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("name", ["facemoe_swin_tiny", "facemoe_vit_tiny"])
+@pytest.mark.parametrize("half", [False, True])
+def test_loading_draws_no_random_weights_and_rebuilds_every_tensor(name, half, tmp_path):
+    """The model a checkpoint is loaded into is not randomly initialised first (built on the meta
+    device: no random draws), yet ends up with every tensor a model built as usual holds after
+    loading the same file: the checkpoint's weights (float32 from a float16 file), and the
+    derived buffers recomputed, each parameter in a storage of its own, trainable."""
+    torch.manual_seed(1)
+    path = save_checkpoint(create_model(name).eval(), tmp_path / "m.pt", half=half)
+    reference = create_model(name)  # built as usual (random weights), then overwritten
+    reference.load_state_dict(read_checkpoint(path)["state_dict"])
+    reference.eval()
+    rng = torch.random.get_rng_state()
+    loaded = load_checkpoint(path)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    ours, theirs = _held_tensors(loaded), _held_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        assert tensor.device.type == "cpu" and tensor.dtype == theirs[key].dtype and torch.equal(tensor, theirs[key]), key
+    params = list(loaded.parameters())
+    assert all(p.requires_grad and p.is_contiguous() for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+    x = torch.randn(2, 3, loaded.model_config["img_size"], loaded.model_config["img_size"])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+
+
+class _DerivedWithoutRecompute(torch.nn.Module):
+    """A module deriving tensors in its constructor that no ``init_non_persistent_buffers``
+    recomputes: a non-persistent buffer (``plain=False``) or a plain tensor attribute."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        table = torch.arange(16.0).reshape(4, 4) ** 0.5
+        if plain:
+            self.table = table
+        else:
+            self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) @ self.table
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_module_that_cannot_recompute_what_it_derives_is_built_as_usual(plain, tmp_path, monkeypatch):
+    from facemoe_model.models import registry
+
+    name = "_test_derived_without_recompute"  # registered for this test only
+    monkeypatch.setitem(registry._REGISTRY, name, (_DerivedWithoutRecompute, {"plain": plain}, ""))
+    model = create_model(name)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "d.pt"))
+    assert not loaded.table.is_meta and torch.equal(loaded.table, model.table)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_missing_and_folder(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")

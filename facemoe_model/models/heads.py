@@ -26,8 +26,9 @@ def init_linear(module: nn.Module, normal: Callable[..., Any] = trunc_normal_) -
     """Truncated-normal (std 0.02) weights and zero biases for a ``Linear`` (use with ``module.apply``).
 
     ``normal`` is the sampler: timm's ``trunc_normal_`` (Swin) or torch's (ViT, whose draws differ).
+    Weights on the meta device (a model built to load a checkpoint into) are left as they are.
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and not module.weight.is_meta:
         normal(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

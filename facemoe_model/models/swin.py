@@ -136,7 +136,7 @@ class FaceMoESwin(MoEBackbone, nn.Module):
         self.norm = nn.LayerNorm(dim)
         self._setup_head(dim, res, embedding_dim, head_dropout)
         self.apply(init_linear)
-        if self.absolute_pos_embed is not None:
+        if self.absolute_pos_embed is not None and not self.absolute_pos_embed.is_meta:
             trunc_normal_(self.absolute_pos_embed, std=0.02)
 
     def forward_patch_embed(self, x: torch.Tensor) -> torch.Tensor:
