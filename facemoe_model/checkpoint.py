@@ -249,11 +249,10 @@ def _own_storage(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value
 
 
-def _assign(model: nn.Module, params: dict[str, torch.Tensor], path: Path) -> None:
-    """Load ``params`` (every persistent key, checked) into a model built on the meta device,
-    then recompute its non-persistent buffers on the CPU, each module its own (as timm's
-    ``reinit_non_persistent_buffers`` does)."""
-    own = model.state_dict()
+def _assign(model: nn.Module, params: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load ``params`` (every persistent key, checked against the model's state_dict ``own``) into
+    a model built on the meta device, then recompute its non-persistent buffers on the CPU, each
+    module its own (as timm's ``reinit_non_persistent_buffers`` does)."""
     model.load_state_dict({k: _own_storage(v, own[k].dtype) for k, v in params.items()}, strict=True, assign=True)
     for module in model.modules():
         for key in module._non_persistent_buffers_set:
@@ -300,7 +299,7 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Pa
         if own[key].shape != value.shape:
             raise CheckpointError(f"{path}: shape mismatch at {key}: checkpoint {list(value.shape)}, model {list(own[key].shape)}")
     if assign:
-        _assign(model, params, path)
+        _assign(model, params, own, path)
     else:
         model.load_state_dict(params, strict=True)
     for key, value in derived.items():
