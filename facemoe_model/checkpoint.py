@@ -254,13 +254,12 @@ def _assign(model: nn.Module, params: dict[str, torch.Tensor], own: Mapping[str,
     a model built on the meta device, then recompute its non-persistent buffers on the CPU, each
     module its own (as timm's ``reinit_non_persistent_buffers`` does)."""
     model.load_state_dict({k: _own_storage(v, own[k].dtype) for k, v in params.items()}, strict=True, assign=True)
-    for module in model.modules():
-        for key in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(key)
-            if buffer is not None and buffer.is_meta:
-                module._buffers[key] = torch.empty_like(buffer, device="cpu")
-    for module in model.modules():
+    for module in model.modules():  # only these hold non-persistent buffers (_build_to_load)
         if hasattr(module, "init_non_persistent_buffers"):
+            for key in module._non_persistent_buffers_set:
+                buffer = module._buffers.get(key)
+                if buffer is not None and buffer.is_meta:
+                    module._buffers[key] = torch.empty_like(buffer, device="cpu")
             module.init_non_persistent_buffers()
     left = next((key for key, t in _tensors(model) if t.is_meta), None)
     if left is not None:
